@@ -1,0 +1,117 @@
+"""The real CLI, in-process (as Lightning's own LightningCLI tests do), on tiny IDX files."""
+
+import csv
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mnist_lit.runs import load_checkpoint
+from tests.conftest import QUICK, cli, fit_args
+
+
+def checkpoints(workdir, version=0):
+    return sorted(
+        p.name for p in (workdir / "lightning_logs" / f"version_{version}" / "checkpoints").iterdir()
+    )
+
+
+def scalars(log_dir) -> dict[str, list[float]]:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_fit_then_bare_test_uses_the_runs_best_checkpoint_and_data(workdir, mnist_dir, capsys):
+    cli(*fit_args(mnist_dir, "--trainer.max_epochs=2"))
+    out = capsys.readouterr().out
+    names = checkpoints(workdir)
+    assert "last.ckpt" in names and len(names) == 2
+    best = next(n for n in names if n != "last.ckpt")
+    assert f"Best checkpoint: {workdir}/lightning_logs/version_0/checkpoints/{best} with val/acc" in out
+
+    # No --data.data_dir: the run's own settings are reused (./data does not exist here).
+    cli("test", *QUICK[1:])
+    out = capsys.readouterr().out
+    assert f"test: using lightning_logs/version_0/checkpoints/{best} (val/acc" in out
+    assert "test/acc " in out and "test/loss " in out
+    test_log = workdir / "lightning_logs" / "version_1"
+    assert not (test_log / "checkpoints").exists()  # a test run never becomes "the newest run"
+    logged = scalars(test_log)
+    assert 0.0 <= logged["test/acc"][0] <= 1.0 and logged["test/loss"][0] > 0
+
+
+def test_explicit_flags_win_over_the_runs_settings(workdir, mnist_dir, capsys):
+    cli(*fit_args(mnist_dir))
+    capsys.readouterr()
+    other = workdir / "other"
+    other.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli("test", f"--data.data_dir={other}", "--data.download=false", *QUICK[1:])
+    assert str(other / "MNIST" / "raw") in str(exit_info.value.code)
+
+
+def test_bare_test_without_any_run_says_to_fit_first(workdir):
+    with pytest.raises(SystemExit) as exit_info:
+        cli("test")
+    assert "run `python -m mnist_lit fit` first" in str(exit_info.value.code)
+    assert not (workdir / "lightning_logs").exists() or not any((workdir / "lightning_logs").iterdir())
+
+
+def test_tensorboard_gets_the_training_scalars_and_config(workdir, mnist_dir):
+    cli(*fit_args(mnist_dir, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1"))
+    log_dir = workdir / "lightning_logs" / "version_0"
+    logged = scalars(log_dir)
+    assert len(logged["train/loss_step"]) == 10  # 500 images / 100 per batch, 2 epochs
+    for tag in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best"):
+        assert len(logged[tag]) == 2, tag
+    assert logged["val/acc_best"][1] == max(logged["val/acc"])
+    config = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert config["data"]["data_dir"] == str(mnist_dir) and config["model"]["lr"] == 1e-3
+
+
+def test_same_seed_gives_the_same_weights(workdir, mnist_dir):
+    for _ in range(2):
+        cli(*fit_args(mnist_dir, "--seed_everything=3"))
+    first, second = (
+        load_checkpoint(workdir / f"lightning_logs/version_{v}/checkpoints/last.ckpt") for v in (0, 1)
+    )
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+
+
+def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist_dir):
+    cli(*fit_args(mnist_dir, "--trainer.max_epochs=2"))  # version_0: uninterrupted
+    cli(*fit_args(mnist_dir, "--trainer.max_epochs=1"))  # version_1: stops after one epoch
+    last = workdir / "lightning_logs/version_1/checkpoints/last.ckpt"
+    cli(*fit_args(mnist_dir, "--trainer.max_epochs=2", f"--ckpt_path={last}"))  # version_2: resumed
+    straight, resumed = (
+        load_checkpoint(workdir / f"lightning_logs/version_{v}/checkpoints/last.ckpt") for v in (0, 2)
+    )
+    assert resumed["epoch"] == straight["epoch"] == 1
+    assert resumed["global_step"] == straight["global_step"] == 10
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_validate_and_predict_use_the_newest_run(workdir, mnist_dir, capsys):
+    cli(*fit_args(mnist_dir))
+    cli("validate", *QUICK[1:])
+    assert "validate: using lightning_logs/version_0/checkpoints/" in capsys.readouterr().out
+    cli("predict", *QUICK[1:], "--predictions.output=preds.csv")
+    with open(workdir / "preds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 200
+    assert sorted(int(row["index"]) for row in rows) == list(range(200))
+    probs = torch.tensor([[float(row[f"p{c}"]) for c in range(10)] for row in rows])
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(200), atol=1e-4, rtol=0)
+    assert [int(row["digit"]) for row in rows] == probs.argmax(dim=1).tolist()
+
+
+def test_print_config_shows_the_recipe(capsys):
+    with pytest.raises(SystemExit):
+        cli("fit", "--config=configs/mnist.yaml", "--print_config")
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["lr"] == 1e-3 and config["data"]["batch_size"] == 100
+    assert config["trainer"]["max_epochs"] == 10

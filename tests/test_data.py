@@ -1,0 +1,84 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_lit.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
+from mnist_lit.errors import UserError
+from tests.conftest import subprocess_env, synthetic_digits
+
+
+def make(mnist_dir, **kwargs) -> MNISTDataModule:
+    dm = MNISTDataModule(data_dir=str(mnist_dir), download=False, **kwargs)
+    dm.prepare_data()
+    return dm
+
+
+def test_split_sizes(mnist_dir):
+    dm = make(mnist_dir, val_size=100)
+    dm.setup("fit")
+    dm.setup("test")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (500, 100, 200)
+
+
+def test_split_is_reproducible_and_disjoint(mnist_dir):
+    first, again, other = (make(mnist_dir, val_size=100, split_seed=s) for s in (7, 7, 8))
+    for dm in (first, again, other):
+        dm.setup("fit")
+    assert torch.equal(first.val_set.images, again.val_set.images)
+    assert not torch.equal(first.val_set.images, other.val_set.images)
+    # Every training image is used exactly once: train + val is a permutation of the 600 images.
+    images, _ = synthetic_digits(600, seed=0)
+    both = torch.cat([first.train_set.images, first.val_set.images]).flatten(1)
+    assert sorted(map(bytes, both.numpy())) == sorted(map(bytes, images.reshape(600, -1).astype(np.uint8)))
+
+
+def test_batches_are_uint8_until_normalized_on_device(mnist_dir):
+    dm = make(mnist_dir, batch_size=32, val_size=100)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28)
+    assert labels.dtype == torch.int64 and labels.shape == (32,)
+    normalized, same_labels = dm.on_after_batch_transfer([images, labels], 0)
+    assert normalized.dtype == torch.float32 and normalized.shape == (32, 1, 28, 28)
+    torch.testing.assert_close(normalized, (images.float() / 255 - MNIST_MEAN) / MNIST_STD)
+    assert same_labels is labels
+
+
+def test_normalization_constants_are_configurable(mnist_dir):
+    dm = make(mnist_dir, mean=0.5, std=0.25)
+    pixels = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1)
+    torch.testing.assert_close(dm.normalize(pixels).flatten(), torch.tensor([-2.0, 2.0]))
+
+
+def test_missing_data_without_download_names_folder_and_files(tmp_path):
+    dm = MNISTDataModule(data_dir=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(UserError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        assert name in message
+    assert "--data.data_dir" in message
+
+
+@pytest.mark.slow
+def test_failed_download_is_one_clear_line(tmp_path):
+    # The real download path, made to fail without touching the network: every HTTP(S) request goes
+    # to a proxy on a closed local port.
+    env = subprocess_env() | {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={tmp_path}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    assert len(error_lines) == 1
+    assert "the download failed" in error_lines[0] and str(tmp_path / "MNIST" / "raw") in error_lines[0]
