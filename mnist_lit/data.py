@@ -11,13 +11,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import Dataset, default_convert
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision.datasets import MNIST
 from torchvision.transforms.v2 import functional as TF
 
+from mnist_lit.data_checks import digits_problem, idx_files, idx_problem
 from mnist_lit.errors import UserError
+from mnist_lit.images import load_digits
 
 # Mean and std of the 60k training pixels scaled to [0, 1] (the seed notebook's cell 4; `mnist_lit stats`).
 MNIST_MEAN = 0.1307
@@ -75,24 +78,29 @@ class MNISTDataModule(L.LightningDataModule):
         mean: normalization mean of the pixels in [0, 1].
         std: normalization std of the pixels in [0, 1].
         download: fetch MNIST with torchvision when the files are missing.
+        predict_path: an image file or a folder of them (PNG/JPEG, any size, colour or grey, either
+            polarity) for ``predict`` to read instead of the test set, made MNIST-style (images.py).
     """
 
     def __init__(
         self,
         data_dir: str = "./data",
-        batch_size: int = 100,
-        val_size: int = 5000,
+        batch_size: PositiveInt = 100,
+        val_size: PositiveInt = 5000,
         split_seed: int = 42,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
         mean: float = MNIST_MEAN,
-        std: float = MNIST_STD,
+        std: PositiveFloat = MNIST_STD,
         download: bool = True,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_set: DigitTensors | None = None
         self.val_set: DigitTensors | None = None
         self.test_set: DigitTensors | None = None
+        self.predict_set: DigitTensors | None = None
+        self.predict_files: list[Path] = []  # the files behind predict_set's images, in order
 
     @property
     def raw_folder(self) -> Path:
@@ -100,6 +108,8 @@ class MNISTDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Runs on one process per node before ``setup``: download what is missing, nothing else."""
+        if self._predicting_files():  # the user's images need no MNIST
+            return
         for train in (True, False):
             self._mnist(train, download=self.hparams.download)
 
@@ -108,13 +118,21 @@ class MNISTDataModule(L.LightningDataModule):
         if stage in ("fit", "validate") and self.train_set is None:
             images, labels = self._tensors(train=True)
             val_size = self.hparams.val_size
+            if val_size >= len(labels):
+                raise UserError(
+                    f"--data.val_size={val_size} leaves no images to train on: "
+                    f"{idx_files(self.raw_folder, True)[0]} holds {len(labels)}; choose a val_size below that"
+                )
             order = torch.randperm(
                 len(labels), generator=torch.Generator().manual_seed(self.hparams.split_seed)
             )
             train_idx, val_idx = order[val_size:], order[:val_size]
             self.train_set = DigitTensors(images[train_idx], labels[train_idx])
             self.val_set = DigitTensors(images[val_idx], labels[val_idx])
-        if stage in ("test", "predict") and self.test_set is None:
+        if stage == "predict" and self._predicting_files() and self.predict_set is None:
+            images, self.predict_files = load_digits(Path(self.hparams.predict_path))
+            self.predict_set = DigitTensors(images, torch.full((len(images),), -1))  # -1: no label
+        elif stage in ("test", "predict") and self.test_set is None:
             self.test_set = DigitTensors(*self._tensors(train=False))
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -137,7 +155,12 @@ class MNISTDataModule(L.LightningDataModule):
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.test_set)
+        return self._loader(self.predict_set if self._predicting_files() else self.test_set)
+
+    def _predicting_files(self) -> bool:
+        # predict_path only means anything to `predict`; fit/test with it set still use MNIST.
+        trainer = self.trainer
+        return self.hparams.predict_path is not None and (trainer is None or trainer.predicting)
 
     def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
         images, labels = batch
@@ -161,14 +184,21 @@ class MNISTDataModule(L.LightningDataModule):
             collate_fn=default_convert,  # `__getitems__` already returns a batch
         )
 
+    def training_images(self) -> torch.Tensor:
+        """The whole training set (N, 1, 28, 28) uint8, before the train/val split (``mnist_lit stats``)."""
+        return self._tensors(train=True)[0]
+
     def _tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         mnist = self._mnist(train, download=False)
         return mnist.data.unsqueeze(1), mnist.targets
 
     def _mnist(self, train: bool, download: bool) -> MNIST:
+        images_file, labels_file = idx_files(self.raw_folder, train)
         try:
-            return MNIST(self.hparams.data_dir, train=train, download=download)
-        except RuntimeError as err:
+            mnist = MNIST(self.hparams.data_dir, train=train, download=download)
+        except (RuntimeError, AssertionError, ValueError, TypeError, KeyError, OSError) as err:
+            if images_file.is_file() and labels_file.is_file():  # present, so torchvision choked on one
+                raise self._unreadable(images_file, labels_file, err) from err
             files = ", ".join(Path(name).stem for name, _md5 in MNIST.resources)
             how = "the download failed" if download else "--data.download is false"
             raise UserError(
@@ -176,3 +206,21 @@ class MNISTDataModule(L.LightningDataModule):
                 f"or point --data.data_dir at a folder that has MNIST/raw/ ({err.__class__.__name__}: "
                 f"{str(err).splitlines()[0]})"
             ) from err
+        problem = digits_problem(images_file, labels_file, mnist.data, mnist.targets)
+        if problem:
+            raise UserError(problem)
+        return mnist
+
+    @staticmethod
+    def _unreadable(images_file: Path, labels_file: Path, err: Exception) -> UserError:
+        # torchvision only downloads missing files, so a broken one stays until it is replaced or deleted.
+        fix = "replace it with the original MNIST file, or delete it to download it again"
+        for path, ndim in ((images_file, 3), (labels_file, 1)):
+            problem = idx_problem(path, ndim)
+            if problem:
+                return UserError(f"{path} {problem}; {fix}")
+        first_line = (str(err).splitlines() or [""])[0]
+        return UserError(
+            f"torchvision could not read {images_file} or {labels_file} "
+            f"({err.__class__.__name__}: {first_line})"
+        )

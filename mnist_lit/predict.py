@@ -1,13 +1,25 @@
 """Writes what ``predict`` computed: one CSV row per image with the digit and the ten probabilities."""
 
 import csv
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from rich.console import Console
+from rich.table import Table
 
 from mnist_lit.model import NUM_CLASSES
+
+
+def print_table(rows: list[tuple[str, int, float]]) -> None:
+    """file, predicted digit, its probability: one row per image."""
+    table = Table("file", "digit", "probability")
+    for file, digit, prob in rows:
+        table.add_row(file, str(digit), f"{prob:.4f}")
+    # Printed in full even when piped (rich would otherwise cut long paths to 80 columns).
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -30,10 +42,17 @@ class PredictionWriter(BasePredictionWriter):
         digits = torch.cat([batch["digit"] for batch in predictions]).tolist()
         probs = torch.cat([batch["probs"] for batch in predictions]).tolist()
         indices = [i for batch in batch_indices[0] for i in batch] if batch_indices else range(len(digits))
+        # The user's own images (--data.predict_path) are named by file, in the CSV and in a table.
+        files = [str(file) for file in getattr(trainer.datamodule, "predict_files", [])]
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("x", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "digit", *(f"p{c}" for c in range(NUM_CLASSES))])
+            file_column = ["file"] if files else []
+            writer.writerow(["index", *file_column, "digit", *(f"p{c}" for c in range(NUM_CLASSES))])
             for index, digit, row in zip(indices, digits, probs, strict=True):
-                writer.writerow([index, digit, *(f"{p:.6f}" for p in row)])
+                file_cell = [files[index]] if files else []
+                writer.writerow([index, *file_cell, digit, *(f"{p:.6f}" for p in row)])
+        if files:
+            rows = zip(indices, digits, probs, strict=True)
+            print_table([(files[index], digit, row[digit]) for index, digit, row in rows])
         print(f"Predictions for {len(digits)} images written to {path}")

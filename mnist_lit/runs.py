@@ -7,6 +7,7 @@ checkpoints, so they never shadow the run they evaluated). Its best checkpoint i
 ModelCheckpoint itself recorded as best.
 """
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,5 +68,49 @@ def newest_run(log_root: Path) -> Run:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint's contents without executing any code stored in it (``weights_only``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint's contents without executing any code stored in it (``weights_only``).
+
+    Raises UserError, naming the file, when it is missing, is not a checkpoint, is cut short, or holds
+    objects other than tensors and plain data (whose unpickling could run code: refused unread).
+    """
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise UserError(f"{path} is not a checkpoint ({err})") from err
+        # torch's paragraph has one line on what it met ("... unsupported GLOBAL posix.system ...").
+        lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in str(err).splitlines()]
+        why = next((line for line in lines if "nsupported" in line), "")
+        raise UserError(
+            f"{path} was refused: it holds objects other than tensors and plain data, and loading them "
+            f"could run code ({why.split('. ')[0].rstrip('.')})"
+        ) from err
+    except Exception as err:  # garbage makes the (code-free) unpickler fail in any number of ways
+        # torch's own words for these run to a paragraph about zip archives; the first clause says enough.
+        detail = (str(err).splitlines() or [""])[0].split(". ")[0]
+        raise UserError(
+            f"{path} is not a readable checkpoint: it is truncated or not a checkpoint at all "
+            f"({err.__class__.__name__}{': ' + detail if detail else ''})"
+        ) from err
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise UserError(f"{path} is not a Lightning checkpoint: it has no state_dict")
+    return state
+
+
+def check_checkpoint_fits(path: Path, model: torch.nn.Module) -> None:
+    """Raise UserError unless the checkpoint at ``path`` holds weights of exactly ``model``'s shapes."""
+    saved = {name: tuple(t.shape) for name, t in load_checkpoint(path)["state_dict"].items()}
+    wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, shape in wanted.items():
+        if name not in saved:
+            raise UserError(f"{path} is a checkpoint of a different model: it has no {name}")
+        if saved[name] != shape:
+            raise UserError(
+                f"{path} is a checkpoint of a different model: {name} has shape {list(saved[name])} there "
+                f"but {list(shape)} here"
+            )
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+        raise UserError(f"{path} is a checkpoint of a different model: it has {extra[0]}, this one has not")

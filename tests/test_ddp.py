@@ -18,7 +18,9 @@ def test_two_process_ddp_fit_on_cpu_shards_the_data(tmp_path, mnist_dir):
         *QUICK, "--trainer.max_epochs=2",
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = load_checkpoint(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")

@@ -1,0 +1,328 @@
+"""Benchmark: the seed notebook's plain PyTorch loop against mnist_lit's recipes, back to back.
+
+    python -m mnist_lit.bench --data-dir ../shared/data [--epochs 10] [--accelerator cpu|gpu]
+
+Each variant runs in a fresh child process (so peak memory is its own), one after another on the
+same machine, and reports per-epoch times; the table compares them as ratios to the plain loop:
+
+- ``plain``: the notebook, verbatim in spirit: torchvision MNIST with per-image ToTensor+Normalize,
+  a DataLoader of batch 100, Adam 1e-3, cross-entropy, all 60k training images per epoch.
+- ``plain-fast``: a plain loop over mnist_lit's own data pipeline and network settings (in-memory
+  uint8 batches, channels_last), no Lightning: the yardstick for Lightning's own overhead.
+- ``seed``: ``mnist_lit fit --config configs/mnist.yaml`` then ``test``.
+- ``fast``: ``mnist_lit fit --config configs/fast.yaml`` then ``test``.
+
+Epoch time is the median over epochs after the first (warm-up); ``train`` time counts only the
+training batches (mnist_lit's epochs also validate on 5k images).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+VARIANTS = ("plain", "plain-fast", "seed", "fast")
+
+
+class EpochClock(L.Callback):
+    """Wall time of each training epoch, and of its training batches alone (before validation).
+
+    Added with ``--trainer.callbacks+=mnist_lit.bench.EpochClock``; the CLI builds it, so the newest
+    one is kept on the class for the benchmark to read.
+    """
+
+    latest: "EpochClock | None" = None
+
+    def __init__(self) -> None:
+        EpochClock.latest = self
+        self.epochs: list[float] = []
+        self.train: list[float] = []
+        self.steps: list[int] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
+        self._start, self._first_step = time.perf_counter(), trainer.global_step
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.training is False and hasattr(self, "_start"):
+            self._sync(pl_module)
+            self.train.append(time.perf_counter() - self._start)
+            self.steps.append(trainer.global_step - self._first_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
+        self.epochs.append(time.perf_counter() - self._start)
+
+    @staticmethod
+    def _sync(pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def device_name(accelerator: str) -> str:
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
+    return f"{cpu or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _device(accelerator: str) -> torch.device:
+    return torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def run_plain(data_dir: str, epochs: int, accelerator: str, seed: int, **_) -> dict:
+    """The seed notebook's loop (per-image transforms, all 60k training images)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from mnist_lit.data import MNIST_MEAN, MNIST_STD
+    from mnist_lit.model import ConvNet
+
+    torch.manual_seed(seed)
+    device = _device(accelerator)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    train = datasets.MNIST(data_dir, train=True, transform=transform)
+    test = datasets.MNIST(data_dir, train=False, transform=transform)
+    train_loader = DataLoader(train, batch_size=100, shuffle=True)
+    net = ConvNet().to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    times, start = [], time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        t0 = time.perf_counter()
+        for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
+            loss = torch.nn.functional.cross_entropy(net(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    fit_s = time.perf_counter() - start
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for images, labels in DataLoader(test, batch_size=100):
+            correct += (net(images.to(device)).argmax(1).cpu() == labels).sum().item()
+    steps = len(train_loader)
+    return {
+        "epochs": times,
+        "train": times,
+        "steps": [steps] * epochs,
+        "fit_s": fit_s,
+        "acc": correct / len(test),
+    }
+
+
+def run_plain_fast(data_dir: str, epochs: int, accelerator: str, seed: int, val_size: int, **_) -> dict:
+    """mnist_lit's data pipeline and network settings in a plain loop: what Lightning is measured against."""
+    from mnist_lit.data import MNISTDataModule
+    from mnist_lit.model import MNISTClassifier
+
+    torch.manual_seed(seed)
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    device = _device(accelerator)
+    dm = MNISTDataModule(data_dir=data_dir, val_size=val_size, download=False)
+    dm.setup("fit")
+    dm.setup("test")
+    model = MNISTClassifier().to(device)  # only for its channels_last network and forward()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_loader = dm.train_dataloader()
+    times, start = [], time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        train_loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        for batch in train_loader:
+            images, labels = dm.on_after_batch_transfer([t.to(device) for t in batch], 0)
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    fit_s = time.perf_counter() - start
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            images, labels = dm.on_after_batch_transfer([t.to(device) for t in batch], 0)
+            correct += (model(images).argmax(1) == labels).sum().item()
+    return {
+        "epochs": times, "train": times, "steps": [len(train_loader)] * epochs,
+        "fit_s": fit_s, "acc": correct / len(dm.test_set),
+    }  # fmt: skip
+
+
+def run_recipe(
+    config: str, data_dir: str, epochs: int | None, accelerator: str, seed: int, val_size: int
+) -> dict:
+    """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder."""
+    from mnist_lit.cli import main
+
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    flags = [
+        f"--data.data_dir={data_dir}",
+        f"--data.val_size={val_size}",
+        f"--trainer.accelerator={accelerator}",
+    ]
+    if epochs is not None:
+        flags.append(f"--trainer.max_epochs={epochs}")
+    sys.argv = sys.argv[:1]  # the CLI reads its flags from `args`, not from this process's command line
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        start = time.perf_counter()
+        clock = "--trainer.callbacks+=mnist_lit.bench.EpochClock"
+        main(["fit", f"--config={CONFIGS / config}", *flags, f"--seed_everything={seed}", *quiet, clock])
+        fit_s = time.perf_counter() - start
+        main(["test", *quiet])
+        test_acc = _last_test_acc(Path(scratch) / "lightning_logs")
+    # The CLI built the clock from the importable module, which under `python -m` is not `__main__`.
+    from mnist_lit.bench import EpochClock as ImportedClock
+
+    clock = ImportedClock.latest
+    return {
+        "epochs": clock.epochs,
+        "train": clock.train,
+        "steps": clock.steps,
+        "fit_s": fit_s,
+        "acc": test_acc,
+    }
+
+
+def _last_test_acc(log_root: Path) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    newest = max(log_root.glob("version_*"), key=lambda d: int(d.name.split("_")[1]))
+    events = EventAccumulator(str(newest))
+    events.Reload()
+    return events.Scalars("test/acc")[-1].value
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_child(variant: str, args: argparse.Namespace) -> dict:
+    common = {
+        "data_dir": args.data_dir,
+        "accelerator": args.accelerator,
+        "seed": args.seed,
+        "val_size": args.val_size,
+    }
+    if variant == "plain":
+        result = run_plain(epochs=args.epochs or 10, **common)
+    elif variant == "plain-fast":
+        result = run_plain_fast(epochs=args.epochs or 10, **common)
+    else:
+        result = run_recipe(f"{'mnist' if variant == 'seed' else 'fast'}.yaml", epochs=args.epochs, **common)
+    # ru_maxrss is in KiB on Linux.
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available() and args.accelerator != "cpu":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def summarize(name: str, result: dict) -> dict:
+    warm = result["epochs"][1:] or result["epochs"]
+    warm_train = result["train"][1:] or result["train"]
+    warm_steps = result["steps"][1:] or result["steps"]
+    return {
+        "variant": name,
+        "epochs": len(result["epochs"]),
+        "epoch_s": statistics.median(warm),
+        "epoch_spread_s": max(warm) - min(warm),
+        "step_ms": 1000 * sum(warm_train) / sum(warm_steps),
+        "fit_s": result["fit_s"],
+        "test_acc": result["acc"],
+        "peak_rss_mb": result["peak_rss_mb"],
+    }
+
+
+def table(rows: list[dict], device: str) -> str:
+    base = next((r for r in rows if r["variant"] == "plain"), None)
+    lines = [
+        f"device: {device}",
+        "| variant | epochs | s/epoch (median) | ms/train step | fit s | test acc | peak RSS MB "
+        "| s/epoch vs plain | fit vs plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['epoch_s'] / base['epoch_s']:.2f}x" if base else "-"
+        fit_ratio = f"{r['fit_s'] / base['fit_s']:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['variant']} | {r['epochs']} | {r['epoch_s']:.2f} ± {r['epoch_spread_s'] / 2:.2f} "
+            f"| {r['step_ms']:.1f} | {r['fit_s']:.1f} | {r['test_acc']:.2%} | {r['peak_rss_mb']:.0f} "
+            f"| {ratio} | {fit_ratio} |"
+        )
+    by_name = {r["variant"]: r for r in rows}
+    if "plain-fast" in by_name and "seed" in by_name:
+        overhead = by_name["seed"]["step_ms"] / by_name["plain-fast"]["step_ms"] - 1
+        lines.append(f"Lightning overhead per training step (seed vs plain-fast): {overhead:+.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mnist_lit.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/")
+    parser.add_argument(
+        "--epochs", type=int, help="override every variant's epochs (default: each recipe's own)"
+    )
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--output", help="also write the results as JSON here")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data_dir = str(Path(args.data_dir).resolve())  # the recipes run in scratch folders
+    if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
+        parser.exit(2, f"mnist_lit.bench: error: --data-dir {args.data_dir} has no MNIST/raw/ folder\n")
+
+    if args.child:
+        print(json.dumps(run_child(args.child, args)))
+        return
+
+    rows = []
+    own_flags = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--variants")]
+    for variant in args.variants.split(","):
+        print(f"running {variant} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mnist_lit.bench", *own_flags, "--child", variant],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            parser.exit(1, f"mnist_lit.bench: error: variant {variant} failed (exit {proc.returncode})\n")
+        rows.append(summarize(variant, json.loads(proc.stdout.strip().splitlines()[-1])))
+    report = table(rows, device_name(args.accelerator))
+    print(report)
+    if args.output:
+        Path(args.output).write_text(
+            json.dumps({"device": device_name(args.accelerator), "rows": rows}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

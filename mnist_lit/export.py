@@ -1,0 +1,97 @@
+"""``python -m mnist_lit export``: the trained network as one file that runs without this project.
+
+The exported model takes what an application has, float pixels in [0, 1] of shape (N, 1, 28, 28) with
+any N, and returns the 10 logits: the normalization training used (the checkpoint's own ``--data.mean``
+and ``--data.std``) is built in, so nobody has to copy the constants.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mnist_lit.data import MNIST_MEAN, MNIST_STD
+from mnist_lit.errors import UserError
+from mnist_lit.model import ConvNet, MNISTClassifier
+from mnist_lit.runs import check_checkpoint_fits, load_checkpoint, newest_run
+
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class PixelsToLogits(nn.Module):
+    """:class:`ConvNet` with training's normalization in front: pixels in [0, 1] -> logits (N, 10)."""
+
+    def __init__(self, net: ConvNet, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net((pixels - self.mean) / self.std)
+
+
+def from_checkpoint(path: Path) -> PixelsToLogits:
+    """The network and normalization a ``fit`` checkpoint holds, in eval mode (BatchNorm's running stats)."""
+    check_checkpoint_fits(path, MNISTClassifier(channels_last=False))
+    state = load_checkpoint(path)
+    # Lightning saves the datamodule's init arguments next to the model's; a checkpoint made without the
+    # datamodule was trained on MNIST's own constants, the defaults.
+    data = {"mean": MNIST_MEAN, "std": MNIST_STD, **state.get("datamodule_hyper_parameters", {})}
+    net = ConvNet()
+    net.load_state_dict(
+        {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
+    )
+    return PixelsToLogits(net, float(data["mean"]), float(data["std"])).eval()
+
+
+def export(
+    format: Literal["onnx", "torchscript"] = "onnx",
+    output: str | None = None,
+    ckpt_path: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Export a trained model that maps pixels in [0, 1], shape (N, 1, 28, 28), to the 10 logits.
+
+    Args:
+        format: ``onnx`` (for onnxruntime and other ONNX runtimes) or ``torchscript`` (``torch.jit.load``;
+            deprecated by PyTorch in favour of ``torch.export``, kept for libtorch/mobile users).
+        output: file to write; default ``model.onnx`` or ``model.pt`` in the current folder.
+        ckpt_path: checkpoint to export; default the best checkpoint of the newest run in ./lightning_logs.
+        overwrite: replace ``output`` if it exists (otherwise an existing file is an error).
+    """
+    target = Path(output or f"model{SUFFIXES[format]}")
+    if target.exists() and not overwrite:
+        raise UserError(
+            f"{target} already exists: choose another --output, or pass --overwrite true to replace it"
+        )
+    if format == "onnx" and not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript")):
+        raise UserError(
+            "--format onnx needs the onnx and onnxscript packages: pip install 'mnist_lit[export]'"
+        )
+    if ckpt_path is None:
+        checkpoint, score = newest_run(Path("lightning_logs")).best_checkpoint()
+        print(f"export: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
+    else:
+        checkpoint = Path(ckpt_path)
+    model = from_checkpoint(checkpoint)
+    example = torch.rand(2, 1, 28, 28)  # batch 2, not 1, so that the batch size is not taken as a constant
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed when complete: a failed export never leaves half a file.
+    partial = target.with_name(f".{target.name}.partial")
+    with torch.no_grad():
+        if format == "onnx":
+            torch.onnx.export(
+                model, (example,), partial, input_names=["pixels"], output_names=["logits"],
+                dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, external_data=False, verbose=False,
+            )  # fmt: skip
+        else:
+            torch.jit.trace(model, example).save(str(partial))
+    os.replace(partial, target)
+    print(
+        f"Exported {checkpoint} to {target} ({format}): input pixels (N, 1, 28, 28) in [0, 1], output 10 "
+        f"logits; normalization built in (mean {model.mean.item():.4f}, std {model.std.item():.4f})"
+    )

@@ -1,0 +1,114 @@
+"""When training goes wrong: the loss blows up, or the user stops the run (Ctrl-C, SIGTERM).
+
+Lightning already handles SIGTERM well: its handler only raises a flag, the loop finishes the current
+batch and then raises ``SIGTERMException``, so the state at that moment is consistent (step counts,
+the loader's position) and a checkpoint of it resumes exactly. Ctrl-C is routed to that same handler
+instead of raising ``KeyboardInterrupt`` wherever Python happens to be, e.g. between a backward pass
+and its optimizer step.
+"""
+
+import signal
+import threading
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mnist_lit.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite: the weights from that step on are worthless."""
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """The ModelCheckpoint that writes ``last.ckpt``; with ``save_on_exception`` also when fit is stopped.
+
+    Only an orderly stop (SIGTERM or Ctrl-C, which end the current batch first) is saved: after any
+    other exception the model may be half-updated, and after a divergence its weights are NaN, so the
+    last good ``last.ckpt`` is kept instead.
+    """
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
+
+    def saved_path(self) -> Path | None:
+        """``last.ckpt`` if it has been written, else None."""
+        path = Path(self.format_checkpoint_name({})) if self.dirpath else None
+        return path if path is not None and path.is_file() else None
+
+
+def last_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """The ``last.ckpt`` files this run's LastCheckpoint callbacks have written."""
+    paths = [cb.saved_path() for cb in trainer.checkpoint_callbacks if isinstance(cb, LastCheckpoint)]
+    return [path for path in paths if path is not None]
+
+
+class StopOnDivergence(Callback):
+    """Stops ``fit`` at the first non-finite training loss, saying at which epoch and step."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        diverged = not bool(torch.isfinite(loss).all())
+        # Every rank stops at the same step, or DDP would wait forever for the one that stopped.
+        if not trainer.strategy.reduce_boolean_decision(diverged, all=False):
+            return
+        kept = last_checkpoints(trainer)
+        kept_text = (
+            f"kept the last good checkpoint {kept[0]}" if kept else "no checkpoint was saved before it"
+        )
+        raise TrainingDiverged(
+            f"training diverged: the loss became {float(loss)} at epoch {trainer.current_epoch}, "
+            f"step {trainer.global_step} (batch {batch_idx}); {kept_text}; lower the learning rate"
+        )
+
+
+class GracefulInterrupt(Callback):
+    """During training, Ctrl-C (SIGINT) stops the run the way Lightning stops it on SIGTERM.
+
+    A second Ctrl-C, while the first is still being honoured, stops at once.
+    """
+
+    def __init__(self) -> None:
+        self._previous = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+            return
+        # Lightning installs its SIGTERM handler before training starts, and restores it at teardown.
+        sigterm = signal.getsignal(signal.SIGTERM)
+        if not callable(sigterm):
+            return
+
+        def on_sigint(signum: int, frame) -> None:
+            if trainer.received_sigterm:
+                raise KeyboardInterrupt
+            sigterm(signum, frame)
+
+        self._previous = signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def interrupted_message(trainer: L.Trainer) -> str:
+    """The one line a stopped ``fit`` ends with: where it was, and how to go on from there."""
+    saved = last_checkpoints(trainer)
+    where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+    if not saved:
+        return f"training stopped by a signal at {where}, before any checkpoint was saved"
+    return (
+        f"training stopped by a signal at {where}; saved {saved[0]}: continue with the same command "
+        f"plus --ckpt_path={saved[0]}"
+    )

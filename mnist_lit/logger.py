@@ -1,0 +1,51 @@
+"""TensorBoard logging into a ``version_N`` folder that no other run can share."""
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, but a run claims its ``version_N`` folder atomically.
+
+    Lightning picks ``max(existing N) + 1``: two runs started together in one folder both pick the
+    same N and write their logs, checkpoints and config into it. Here the number is claimed with
+    ``os.mkdir``, which exactly one process can win; the loser tries the next number. Only global rank
+    0 claims: under DDP the other ranks are told the folder by Lightning and must not make their own.
+
+    Args:
+        save_dir: folder that holds ``<name>/version_N/``.
+        name: experiment folder under ``save_dir``.
+        version: a fixed version (number or folder name) instead of the next free one.
+        default_hp_metric: log a placeholder ``hp_metric``; off, since ``val/acc`` says it better.
+        kwargs: passed on to TensorBoardLogger (and from there to ``SummaryWriter``).
+    """
+
+    def __init__(
+        self,
+        save_dir: str = ".",
+        name: str = "lightning_logs",
+        version: int | str | None = None,
+        default_hp_metric: bool = False,
+        **kwargs,
+    ) -> None:
+        # Absolute, as with Lightning's default logger (whose save_dir is the trainer's default os.getcwd()),
+        # so that checkpoint paths printed and recorded do not depend on where they are read from.
+        local = "://" not in str(save_dir)
+        save_dir = os.path.abspath(save_dir) if local else save_dir
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
+
+    def _get_next_version(self) -> int:
+        version = super()._get_next_version()
+        if rank_zero_only.rank != 0 or "://" in str(self.root_dir):  # remote folders: Lightning's own rule
+            return version
+        root = Path(self.root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                os.mkdir(root / f"version_{version}")
+                return version
+            except FileExistsError:  # another run got there first
+                version += 1

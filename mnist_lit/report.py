@@ -1,0 +1,101 @@
+"""What ``test`` adds to TensorBoard: the confusion matrix, the worst mistakes, per-class accuracy.
+
+All of it is computed from the logits that ``test_step`` returns, so training never pays for it.
+"""
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from mnist_lit.model import NUM_CLASSES
+
+CONFUSION_MATRIX_TAG = "test/confusion_matrix"
+MISTAKES_TAG = "test/mistakes"
+CLASS_ACC_TAG = "test/acc_class/{digit}"
+
+
+class TestReport(Callback):
+    """Logs, at the end of ``test``, a confusion-matrix image, a grid of the most confidently misclassified
+    test digits (true label, predicted label, its softmax probability) and ``test/acc_class/0..9``.
+
+    Args:
+        mistakes: how many misclassified digits the grid shows, most confident first.
+    """
+
+    __test__ = False  # a Lightning callback, not a pytest test class
+
+    def __init__(self, mistakes: int = 32) -> None:
+        self.mistakes = mistakes
+        self.confusion = MulticlassConfusionMatrix(NUM_CLASSES)
+        self.class_acc = MulticlassAccuracy(NUM_CLASSES, average=None)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.confusion.to(pl_module.device).reset()
+        self.class_acc.to(pl_module.device).reset()
+        # The worst mistakes so far, kept on the CPU: images (k, 1, 28, 28), labels, predictions, probability.
+        self.worst = (torch.empty(0, 1, 28, 28), *(torch.empty(0, dtype=torch.long) for _ in range(2)))
+        self.worst_prob = torch.empty(0)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: torch.Tensor, batch, batch_idx, *_
+    ) -> None:
+        images, labels = batch
+        logits = outputs.detach()
+        self.confusion.update(logits, labels)
+        self.class_acc.update(logits, labels)
+        probs, predicted = logits.softmax(dim=1).max(dim=1)
+        wrong = predicted != labels
+        if not wrong.any():
+            return
+        new = (images[wrong].float().cpu(), labels[wrong].cpu(), predicted[wrong].cpu())
+        prob = torch.cat([self.worst_prob, probs[wrong].float().cpu()])
+        keep = prob.argsort(descending=True)[: self.mistakes]  # keeps memory at `mistakes` images
+        self.worst = tuple(torch.cat([old, more])[keep] for old, more in zip(self.worst, new, strict=True))
+        self.worst_prob = prob[keep]
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Logged through the module, so they also appear in Lightning's end-of-test table. compute() has
+        # already synced the DDP ranks; sync_dist only averages equal numbers (and silences a warning).
+        for digit, acc in enumerate(self.class_acc.compute().tolist()):
+            pl_module.log(CLASS_ACC_TAG.format(digit=digit), acc, sync_dist=True)
+        confusion = self.confusion.compute()  # synced across DDP ranks, so every rank must call it
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers or not trainer.is_global_zero:
+            return
+        figures = {CONFUSION_MATRIX_TAG: confusion_figure(confusion), MISTAKES_TAG: self.mistakes_figure()}
+        for tag, figure in figures.items():
+            for logger in loggers:
+                # Figure objects, not pyplot: nothing global to close, no display backend needed.
+                logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+
+    def mistakes_figure(self) -> Figure:
+        images, labels, predicted = self.worst
+        columns = 8
+        rows = max(1, -(-len(labels) // columns))
+        figure = Figure(figsize=(columns * 1.2, rows * 1.45 + 0.4))
+        axes = figure.subplots(rows, columns, squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if i < len(labels):
+                # imshow scales each image to its own range, so the normalized pixels need no undoing.
+                ax.imshow(images[i, 0], cmap="gray")
+                ax.set_title(f"{labels[i]}→{predicted[i]} {self.worst_prob[i]:.0%}", fontsize=9)
+        title = f"{len(labels)} most confident mistakes: true→predicted, probability of the prediction"
+        figure.suptitle(title if len(labels) else "no misclassified test digits", fontsize=10)
+        figure.tight_layout()
+        return figure
+
+
+def confusion_figure(confusion: torch.Tensor) -> Figure:
+    """A (10, 10) matrix of counts, rows = true digit, columns = predicted digit, as an annotated heat map."""
+    figure = Figure(figsize=(9, 8))
+    ax = figure.subplots()
+    # torchmetrics' own plot draws the counts into the cells and labels the axes.
+    MulticlassConfusionMatrix(NUM_CLASSES).plot(confusion.cpu(), ax=ax, cmap="Blues")
+    ax.tick_params(labelrotation=0)  # torchmetrics tilts the digits, which only makes them harder to read
+    ax.set_title(f"Confusion matrix, {int(confusion.sum())} test digits")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,210 @@
+"""Bad data, flags and checkpoints end in one line naming the file or flag: the real CLI, real files."""
+
+import builtins
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mnist_lit.runs import load_checkpoint
+from tests.conftest import QUICK, cli, fit_args, idx_bytes, subprocess_env, synthetic_digits, write_mnist
+
+TRAIN_IMAGES = "MNIST/raw/train-images-idx3-ubyte"
+TRAIN_LABELS = "MNIST/raw/train-labels-idx1-ubyte"
+
+
+def error_of(*args: str) -> str:
+    """The one-line error the CLI exits with (UserError's path through main)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(*args)
+    message = str(exit_info.value.code)
+    assert message.startswith("mnist_lit: error: ") and "\n" not in message, message
+    return message
+
+
+def parse_error_of(capsys, *args: str) -> str:
+    """The one-line error a bad flag or config exits with (jsonargparse's path), and its exit status 2."""
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(sys, "argv", ["mnist_lit"])  # else LightningCLI warns that pytest's argv is ignored
+        cli(*args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mnist_lit: error: "), lines
+    return lines[0]
+
+
+def truncate(path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def replace_labels(root, labels: np.ndarray) -> None:
+    (root / TRAIN_LABELS).write_bytes(idx_bytes(labels))
+
+
+# Each case breaks one file of a good MNIST folder; the message must name that file and the fault.
+BROKEN_DATA = {
+    "zero-length images": (TRAIN_IMAGES, lambda root: truncate(root / TRAIN_IMAGES, 0), "is empty"),
+    "truncated images": (TRAIN_IMAGES, lambda root: truncate(root / TRAIN_IMAGES, 5000), "is truncated"),
+    "truncated labels": (TRAIN_LABELS, lambda root: truncate(root / TRAIN_LABELS, 100), "is truncated"),
+    "labels file as images": (
+        TRAIN_IMAGES,
+        lambda root: (root / TRAIN_IMAGES).write_bytes((root / TRAIN_LABELS).read_bytes()),
+        "magic number 0x00000801, not 0x00000803",
+    ),
+    "fewer labels than images": (
+        TRAIN_LABELS,
+        lambda root: replace_labels(root, synthetic_digits(600, seed=0)[1][:599]),
+        "has 600 images but",
+    ),
+    "label 12": (
+        TRAIN_LABELS,
+        lambda root: replace_labels(root, np.where(np.arange(600) == 7, 12, synthetic_digits(600, 0)[1])),
+        "1 labels outside 0-9 (the first is 12, at index 7)",
+    ),
+    "32x32 images": (
+        TRAIN_IMAGES,
+        lambda root: (root / TRAIN_IMAGES).write_bytes(idx_bytes(np.zeros((600, 32, 32)))),
+        "holds 32x32 images, not 28x28",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_DATA)
+def test_broken_data_file_is_named_with_its_fault(workdir, case):
+    broken_file, breaks, fault = BROKEN_DATA[case]
+    root = write_mnist(workdir / "data", n_train=600, n_test=50)
+    breaks(root)
+    message = error_of(*fit_args(root, "--data.download=false"))
+    assert str(root / broken_file) in message and fault in message
+    assert not (workdir / "lightning_logs" / "version_0" / "checkpoints").exists()  # stopped before training
+
+
+def test_broken_test_split_is_found_by_test(workdir, mnist_dir, tmp_path):
+    root = write_mnist(tmp_path / "data", n_train=200, n_test=50)
+    truncate(root / "MNIST/raw/t10k-labels-idx1-ubyte", 0)
+    message = error_of("test", f"--data.data_dir={root}", "--data.download=false", "--ckpt_path=none.ckpt")
+    assert "none.ckpt does not exist" in message  # the checkpoint is checked first, before any data
+    cli(*fit_args(mnist_dir))
+    message = error_of("test", f"--data.data_dir={root}", "--data.download=false", *QUICK[1:])
+    assert f"{root}/MNIST/raw/t10k-labels-idx1-ubyte is empty" in message
+
+
+def test_val_size_as_large_as_the_training_set(workdir, mnist_dir):
+    message = error_of("fit", f"--data.data_dir={mnist_dir}", "--data.val_size=600", *QUICK)
+    assert "--data.val_size=600 leaves no images to train on" in message and "holds 600" in message
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("--data.batch_size=-5", "--data.batch_size: Not of type PositiveInt: -5"),
+        ("--data.batch_size=ten", "--data.batch_size: Not of type PositiveInt"),
+        ("--data.val_size=0", "--data.val_size: Not of type PositiveInt: 0"),
+        ("--data.num_workers=-1", "--data.num_workers: Not of type NonNegativeInt"),
+        ("--model.lr=0", "--model.lr: Not of type PositiveFloat: 0"),
+        ("--model.lr=-0.1", "--model.lr: Not of type PositiveFloat"),
+        ("--model.label_smoothing=1.5", "--model.label_smoothing: Not of type ClosedUnitInterval"),
+        ("--data.batchsize=3", "unrecognized arguments: --data.batchsize=3"),
+        ("--config=no/such.yaml", "--config: File does not exist"),
+    ],
+)
+def test_bad_flag_is_one_line(workdir, mnist_dir, capsys, flag, expected):
+    assert expected in parse_error_of(capsys, *fit_args(mnist_dir, flag))
+    assert not (workdir / "lightning_logs").exists()
+
+
+def test_unknown_key_in_a_config_file_is_one_line(workdir, mnist_dir, capsys):
+    config = workdir / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"model": {"lr": 0.01, "learning_rate": 0.01}}))
+    message = parse_error_of(capsys, *fit_args(mnist_dir, f"--config={config}"))
+    assert "learning_rate" in message
+
+
+@pytest.mark.slow
+def test_parse_error_from_the_shell_is_one_line_without_traceback(tmp_path, mnist_dir):
+    cmd = [sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={mnist_dir}", "--model.lr=-1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=99)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mnist_lit: error: --model.lr: Not of type PositiveFloat: -1 does not conform to restriction v>0 "
+        "(see --help)"
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir) -> dict:
+    """A real checkpoint from a one-epoch fit."""
+    folder = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        cli(*fit_args(mnist_dir))
+    return load_checkpoint(folder / "lightning_logs/version_0/checkpoints/last.ckpt")
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_missing_checkpoint(workdir, mnist_dir, command):
+    message = error_of(command, f"--data.data_dir={mnist_dir}", "--ckpt_path=gone.ckpt", *QUICK[1:])
+    assert "checkpoint gone.ckpt does not exist" in message
+
+
+def test_file_that_is_not_a_checkpoint(workdir, mnist_dir):
+    (workdir / "notes.ckpt").write_text("these are my notes, not a checkpoint\n")
+    message = error_of("test", f"--data.data_dir={mnist_dir}", "--ckpt_path=notes.ckpt", *QUICK[1:])
+    assert "notes.ckpt is not a readable checkpoint" in message
+
+
+def test_truncated_checkpoint(workdir, mnist_dir, trained):
+    torch.save(trained, workdir / "whole.ckpt")
+    truncate(workdir / "whole.ckpt", (workdir / "whole.ckpt").stat().st_size // 2)
+    message = error_of("fit", f"--data.data_dir={mnist_dir}", "--ckpt_path=whole.ckpt", *QUICK)
+    assert "whole.ckpt is not a readable checkpoint: it is truncated" in message
+
+
+def test_checkpoint_of_a_different_model(workdir, mnist_dir, trained):
+    other = {**trained, "state_dict": dict(trained["state_dict"])}
+    other["state_dict"]["net.classifier.weight"] = torch.zeros(10, 100)  # a smaller feature map
+    torch.save(other, workdir / "other.ckpt")
+    message = error_of("test", f"--data.data_dir={mnist_dir}", "--ckpt_path=other.ckpt", *QUICK[1:])
+    assert "other.ckpt is a checkpoint of a different model" in message
+    assert "net.classifier.weight has shape [10, 100] there but [10, 1568] here" in message
+
+
+class CreatesMarker:
+    """Unpickling this would call ``open(marker, "w")``: code from the checkpoint, run on load."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_checkpoint_that_would_run_code_is_refused_unrun(workdir, mnist_dir, trained, command):
+    marker = workdir / "marker"
+    torch.save({**trained, "payload": CreatesMarker(marker)}, workdir / "evil.ckpt")
+    message = error_of(command, f"--data.data_dir={mnist_dir}", "--ckpt_path=evil.ckpt", *QUICK[1:])
+    assert "evil.ckpt was refused" in message and "could run code" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_lightning_itself_loads_checkpoints_weights_only(capsys, command):
+    with pytest.raises(SystemExit):
+        cli(command, "--print_config")
+    assert yaml.safe_load(capsys.readouterr().out)["weights_only"] is True
+
+
+def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(workdir, mnist_dir):
+    # lr x 1e15 after every epoch: epoch 0 trains normally, epoch 1 sends the loss to NaN.
+    explode = ["--optimizer=Adam", "--lr_scheduler=ExponentialLR", "--lr_scheduler.gamma=1e15"]
+    message = error_of(*fit_args(mnist_dir, "--trainer.max_epochs=3", *explode))
+    last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert "training diverged: the loss became nan at epoch 1, step " in message
+    assert f"kept the last good checkpoint {last}" in message
+    kept = load_checkpoint(last)
+    assert kept["epoch"] == 0 and kept["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())

@@ -1,0 +1,103 @@
+"""`python -m mnist_lit export`: ONNX (checked with onnxruntime) and TorchScript, normalization built in."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.model import MNISTClassifier
+from mnist_lit.runs import load_checkpoint, newest_run
+from tests.conftest import REAL_DATA, cli, fit_args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir) -> Path:
+    """A folder with one run, trained with normalization constants of its own (so they must be read)."""
+    folder = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        cli(*fit_args(mnist_dir, "--data.mean=0.2", "--data.std=0.4"))
+    return folder
+
+
+def pytorch_logits(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
+    """What the project itself computes: the LightningModule on the datamodule's normalized batch."""
+    state = load_checkpoint(checkpoint)
+    # LightningCLI adds "_instantiator" (how it built the object) to the saved init arguments.
+    model_args, data_args = (
+        {k: v for k, v in state[key].items() if not k.startswith("_")}
+        for key in ("hyper_parameters", "datamodule_hyper_parameters")
+    )
+    model = MNISTClassifier(**model_args).eval()
+    model.load_state_dict(state["state_dict"])
+    data = MNISTDataModule(**data_args)
+    with torch.no_grad():
+        return model(data.normalize(images))
+
+
+def test_images(data_dir: Path) -> torch.Tensor:
+    data = MNISTDataModule(data_dir=str(data_dir), download=False)
+    data.setup("test")
+    return data.test_set.images[:1000]
+
+
+test_images.__test__ = False  # a helper, not a test
+
+
+def test_onnx_export_matches_pytorch_on_test_images(trained, mnist_dir, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    cli("export", "--format=onnx", "--output=exported/model.onnx")
+    best, _ = newest_run(Path("lightning_logs")).best_checkpoint()
+    assert f"Exported {best} to exported/model.onnx" in capsys.readouterr().out
+
+    session = ort.InferenceSession(str(trained / "exported" / "model.onnx"))
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("pixels", ["batch", 1, 28, 28])]
+    data_dirs = [mnist_dir] + ([REAL_DATA] if (REAL_DATA / "MNIST" / "raw").is_dir() else [])
+    for data_dir in data_dirs:
+        images = test_images(data_dir)
+        pixels = (images.float() / 255).numpy()  # what an application has: pixels in [0, 1]
+        expected = pytorch_logits(best, images).numpy()
+        for batch in (pixels, pixels[:1]):  # any batch size
+            (logits,) = session.run(["logits"], {"pixels": batch})
+            np.testing.assert_allclose(logits, expected[: len(batch)], rtol=0, atol=1e-5)
+
+
+def test_torchscript_export_of_a_chosen_checkpoint_matches_pytorch(trained, mnist_dir, monkeypatch):
+    monkeypatch.chdir(trained)
+    last = trained / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    cli("export", "--format=torchscript", f"--ckpt_path={last}", "--output=model.pt")
+    images = test_images(mnist_dir)
+    exported = torch.jit.load(trained / "model.pt")
+    torch.testing.assert_close(
+        exported(images.float() / 255), pytorch_logits(last, images), rtol=0, atol=1e-5
+    )
+
+
+def test_export_never_overwrites_unless_asked(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    (trained / "keep.onnx").write_text("someone's file")
+    with pytest.raises(SystemExit) as exit_info:
+        cli("export", "--output=keep.onnx")
+    message = str(exit_info.value.code)
+    assert message.startswith("mnist_lit: error: keep.onnx already exists") and "--overwrite" in message
+    assert (trained / "keep.onnx").read_text() == "someone's file"
+    cli("export", "--output=keep.onnx", "--overwrite=true")
+    assert ort.InferenceSession(str(trained / "keep.onnx")).get_outputs()[0].shape == ["batch", 10]
+
+
+def test_export_without_a_run_says_to_fit_first(workdir):
+    with pytest.raises(SystemExit) as exit_info:
+        cli("export")
+    assert "run `python -m mnist_lit fit` first" in str(exit_info.value.code)
+    assert not (workdir / "model.onnx").exists()
+
+
+def test_export_flags_are_checked_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli("export", "--format=pdf")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mnist_lit: error: --format:") and err.count("\n") == 1

@@ -1,0 +1,121 @@
+"""TensorBoard extras, read back from the event files: HPARAMS rows, test images, per-class accuracy,
+learning rate and epoch time; the progress bar and the fit summary on the console."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from tests.conftest import QUICK, cli, fit_args, synthetic_digits
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def events(log_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def scalar(accumulator: EventAccumulator, tag: str) -> list[float]:
+    return [e.value for e in accumulator.Scalars(tag)]
+
+
+def hparams_row(accumulator: EventAccumulator) -> tuple[dict, list[str]]:
+    """The run's hyperparameters and the HPARAMS tab's metric columns, from the hparams plugin data."""
+    content = accumulator.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    params = {
+        name: getattr(value, value.WhichOneof("kind"))
+        for name, value in start.session_start_info.hparams.items()
+    }
+    return params, [info.name.tag for info in experiment.experiment.metric_infos]
+
+
+@pytest.fixture(scope="module")
+def fit_and_test(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
+    """A barely trained run (2 steps, so the test set has mistakes), then a bare `test` of it."""
+    root = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        cli(
+            *fit_args(mnist_dir, "--trainer.max_epochs=2", "--trainer.limit_train_batches=1"),
+            "--trainer.log_every_n_steps=1",
+            "--model.lr=0.002",
+            "--model.lr_schedule=onecycle",
+        )
+        cli("test", *QUICK[1:])
+    return root / "lightning_logs", str(mnist_dir)
+
+
+def test_fit_run_has_an_hparams_row_with_real_metric_columns(fit_and_test):
+    logs, data_dir = fit_and_test
+    fit = events(logs / "version_0")
+    params, metrics = hparams_row(fit)
+    assert params["command"] == "fit" and params["lr"] == pytest.approx(0.002)
+    assert params["lr_schedule"] == "onecycle" and params["data_dir"] == data_dir and params["seed"] == 42
+    assert metrics == ["val/acc_best", "test/acc"]
+    # The columns are filled from the run's own scalars; no placeholder is logged.
+    assert "hp_metric" not in fit.Tags()["scalars"] and len(scalar(fit, "val/acc_best")) == 2
+
+
+def test_test_run_row_describes_the_checkpoint_it_tested(fit_and_test):
+    logs, _ = fit_and_test
+    test = events(logs / "version_1")
+    params, metrics = hparams_row(test)
+    checkpoint = Path(params["ckpt_path"])
+    assert params["command"] == "test" and checkpoint.parent == Path("lightning_logs/version_0/checkpoints")
+    assert params["lr"] == pytest.approx(0.002) and params["seed"] == 42
+    assert metrics == ["val/acc_best", "test/acc"]
+    # val/acc_best of the tested checkpoint (its file name carries val/acc), beside the test/acc it got.
+    best_in_name = float(checkpoint.stem.split("val_acc")[1])
+    assert scalar(test, "val/acc_best") == [pytest.approx(best_in_name, abs=1e-4)]
+    assert len(scalar(test, "test/acc")) == 1
+
+
+def test_test_logs_confusion_matrix_mistakes_and_per_class_accuracy(fit_and_test):
+    logs, _ = fit_and_test
+    test = events(logs / "version_1")
+    for tag in ("test/confusion_matrix", "test/mistakes"):
+        (image,) = test.Images(tag)
+        assert image.encoded_image_string.startswith(PNG_SIGNATURE) and image.width > 300, tag
+    per_class = np.array([scalar(test, f"test/acc_class/{digit}")[0] for digit in range(10)])
+    (test_acc,) = scalar(test, "test/acc")
+    assert test_acc < 1  # barely trained: there are mistakes to show
+    # The per-class accuracies, weighted by how many test digits each class has, give test/acc back.
+    _, labels = synthetic_digits(200, seed=1)  # the fixture's test set
+    counts = np.bincount(labels, minlength=10)
+    assert (per_class * counts).sum() / counts.sum() == pytest.approx(test_acc, abs=1e-6)
+
+
+def test_learning_rate_every_step_and_epoch_time(fit_and_test):
+    logs, _ = fit_and_test
+    fit = events(logs / "version_0")
+    lr = scalar(fit, "lr-Adam")
+    assert len(lr) == 2 and lr[0] != lr[1]  # one-cycle: a different rate at each of the 2 steps
+    epoch_times = scalar(fit, "time/epoch_s")
+    assert len(epoch_times) == 2 and all(t > 0 for t in epoch_times)
+
+
+def test_a_run_without_logger_still_trains(workdir, mnist_dir):
+    # The learning-rate monitor must not refuse runs that log nothing.
+    cli(*fit_args(mnist_dir, "--trainer.logger=false", "--trainer.limit_train_batches=1"))
+    assert not (workdir / "lightning_logs").exists()
+
+
+def test_rich_progress_bar_and_fit_summary(workdir, mnist_dir, capsys):
+    quiet_args = fit_args(mnist_dir, "--trainer.limit_train_batches=2")
+    cli(*[arg for arg in quiet_args if arg != "--trainer.enable_progress_bar=false"])
+    out = capsys.readouterr().out
+    # Rich's bar: epoch, step of the epoch, the loss and val/acc.
+    assert "Epoch 0/0" in out and "━" in out and "2/2" in out
+    assert "train/loss_step" in out and "val/acc" in out
+    assert "fit summary" in out and "val/acc_best" in out and "time/epoch_s" in out
+
+    cli(*quiet_args)  # quiet mode: no bar, still the summary
+    out = capsys.readouterr().out
+    assert "━" not in out and "Epoch 0/0" not in out
+    assert "fit summary" in out
