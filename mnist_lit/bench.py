@@ -144,7 +144,7 @@ def run_plain_fast(data_dir: str, epochs: int, accelerator: str, seed: int, val_
     dm.setup("fit")
     dm.setup("test")
     model = MNISTClassifier().to(device)  # only for its channels_last network and forward()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = model.configure_optimizers()  # the seed recipe's: Adam, lr 1e-3, constant
     train_loader = dm.train_dataloader()
     times, start = [], time.perf_counter()
     for epoch in range(epochs):
@@ -305,11 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     rows = []
-    own_flags = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--variants")]
+    child_flags = [f"--data-dir={args.data_dir}", f"--accelerator={args.accelerator}", f"--seed={args.seed}"]
+    child_flags += [f"--val-size={args.val_size}", *([f"--epochs={args.epochs}"] if args.epochs else [])]
     for variant in args.variants.split(","):
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "mnist_lit.bench", *own_flags, "--child", variant],
+            [sys.executable, "-m", "mnist_lit.bench", *child_flags, "--child", variant],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if proc.returncode != 0:

@@ -69,15 +69,19 @@ class MNISTClassifier(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         if compile:
             self.net.compile()  # in place: state_dict keys stay those of the plain ConvNet
-        # One metric object per stage so their states never mix (validation runs inside fit).
+        # One metric object per stage so their states never mix (validation runs inside fit). They are
+        # updated every step and computed once per epoch: logging a Metric object itself makes Lightning
+        # move it to the device on every self.log call, about 5% of a CPU training step.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         # validate_args=False: the per-batch input checks cost a device sync and ~1% of a CPU step.
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False) for _ in range(3)
         )
-        # Best val/acc so far; persistent so that a resumed run remembers it.
+        # Persistent (saved in checkpoints): a run resumed mid-epoch goes on with the epoch's running
+        # train metrics, and with the best val/acc so far.
         self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)
+        for metric in (self.train_loss, self.train_acc, self.val_acc_best):
+            metric.persistent(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalized images (N, 1, 28, 28) -> logits (N, 10)."""
@@ -85,48 +89,71 @@ class MNISTClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
+    def on_train_epoch_start(self) -> None:
+        # Not called when a run resumes mid-epoch: the restored running metrics carry on.
+        self.train_loss.reset()
+        self.train_acc.reset()
+
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        # forward() gives this batch's value for the per-step curve; the epoch value is the running mean.
-        self.train_loss(loss.detach())
+        self.train_loss.update(loss.detach())
         self.train_acc.update(logits.detach(), labels)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        # This batch's loss for the per-step curve and the progress bar, on the steps the logger writes
+        # (every --trainer.log_every_n_steps) and the epoch's last: each self.log call costs Lightning
+        # ~1 ms, 7% of a CPU step.
+        last_batch = batch_idx + 1 == self.trainer.num_training_batches
+        if self.trainer._logger_connector.should_update_logs or last_batch:
+            self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss_epoch", self.train_loss.compute())
+        self.log("train/acc", self.train_acc.compute())
+
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss, self.val_acc, "val")
+        self._evaluate(batch, self.val_loss, self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
+        val_acc = self._log_epoch("val", self.val_loss, self.val_acc)
         if self.trainer.sanity_checking:  # the two sanity batches say nothing about the model
             return
-        self.val_acc_best.update(self.val_acc.compute())
+        self.val_acc_best.update(val_acc)
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         # The logits go to callbacks' on_test_batch_end (the TestReport's confusion matrix and mistakes).
-        return self._evaluate(batch, self.test_loss, self.test_acc, "test")
+        return self._evaluate(batch, self.test_loss, self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_loss, self.test_acc)
 
     def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         probs = self(batch[0]).softmax(dim=1)
         return {"digit": probs.argmax(dim=1), "probs": probs}
 
-    def _evaluate(
-        self, batch: list[torch.Tensor], loss_metric: MeanMetric, acc_metric, stage: str
-    ) -> torch.Tensor:
+    def _evaluate(self, batch: list[torch.Tensor], loss_metric: MeanMetric, acc_metric) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
         loss_metric.update(F.cross_entropy(logits, labels))
         acc_metric.update(logits, labels)
-        self.log(f"{stage}/loss", loss_metric, prog_bar=stage == "val")
-        self.log(f"{stage}/acc", acc_metric, prog_bar=stage == "val")
         return logits
 
+    def _log_epoch(self, stage: str, loss_metric: MeanMetric, acc_metric) -> torch.Tensor:
+        """Log the stage's loss and accuracy over the whole epoch (all ranks), then start afresh."""
+        loss, acc = loss_metric.compute(), acc_metric.compute()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
+        loss_metric.reset()
+        acc_metric.reset()
+        return acc
+
     def configure_optimizers(self):
+        # fused: one kernel for all of Adam's per-parameter updates (CPU and CUDA), the same arithmetic as
+        # the default loop over parameters, ~6% of a CPU step faster.
         optimizer = torch.optim.Adam(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True
         )
         if self.hparams.lr_schedule == "constant":
             return optimizer

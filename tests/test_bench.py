@@ -1,0 +1,42 @@
+"""The benchmark runs end to end on tiny data (it measures nothing here: timing belongs to bench runs)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import subprocess_env
+
+
+@pytest.mark.slow
+def test_bench_runs_every_variant_and_prints_the_table(tmp_path, mnist_dir):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "mnist_lit.bench", f"--data-dir={mnist_dir}", "--epochs=2", "--val-size=100"]
+    proc = subprocess.run(
+        [*cmd, "--variants", "plain,plain-fast,seed,fast", "--output", str(out)],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert list(rows) == ["plain", "plain-fast", "seed", "fast"]
+    for row in rows.values():
+        assert row["epochs"] == 2
+        assert row["epoch_s"] > 0 and row["step_ms"] > 0 and row["peak_rss_mb"] > 0
+        assert 0.0 <= row["test_acc"] <= 1.0
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"device: {report['device']}"
+    assert sum(line.startswith("| plain ") or line.startswith("| seed ") for line in lines) == 2
+    assert any(line.startswith("Lightning overhead per training step") for line in lines)
+
+
+def test_bench_without_mnist_is_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_lit.bench", f"--data-dir={tmp_path}"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mnist_lit.bench: error: --data-dir {tmp_path} has no MNIST/raw/ folder"
+    ]
