@@ -11,6 +11,8 @@ same machine, and reports per-epoch times; the table compares them as ratios to 
   uint8 batches, channels_last), no Lightning: the yardstick for Lightning's own overhead.
 - ``seed``: ``mnist_lit fit --config configs/mnist.yaml`` then ``test``.
 - ``fast``: ``mnist_lit fit --config configs/fast.yaml`` then ``test``.
+- ``seed-bf16``, ``seed-compile``, ``fast-fp32``: the recipes with one switch flipped
+  (``--trainer.precision``, ``--model.compile``), to measure what each switch buys (not run by default).
 
 Epoch time is the median over epochs after the first (warm-up); ``train`` time counts only the
 training batches (mnist_lit's epochs also validate on 5k images).
@@ -32,7 +34,16 @@ import lightning as L
 import torch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-VARIANTS = ("plain", "plain-fast", "seed", "fast")
+# Lightning variants: (recipe, extra flags).
+RECIPES = {
+    "seed": ("mnist.yaml", []),
+    "fast": ("fast.yaml", []),
+    "seed-bf16": ("mnist.yaml", ["--trainer.precision=bf16-mixed"]),
+    "seed-compile": ("mnist.yaml", ["--model.compile=true"]),
+    "fast-fp32": ("fast.yaml", ["--trainer.precision=32-true"]),
+}
+VARIANTS = ("plain", "plain-fast", *RECIPES)
+DEFAULT_VARIANTS = ("plain", "plain-fast", "seed", "fast")
 
 
 class EpochClock(L.Callback):
@@ -173,7 +184,13 @@ def run_plain_fast(data_dir: str, epochs: int, accelerator: str, seed: int, val_
 
 
 def run_recipe(
-    config: str, data_dir: str, epochs: int | None, accelerator: str, seed: int, val_size: int
+    config: str,
+    extra: list[str],
+    data_dir: str,
+    epochs: int | None,
+    accelerator: str,
+    seed: int,
+    val_size: int,
 ) -> dict:
     """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder."""
     from mnist_lit.cli import main
@@ -183,6 +200,7 @@ def run_recipe(
         f"--data.data_dir={data_dir}",
         f"--data.val_size={val_size}",
         f"--trainer.accelerator={accelerator}",
+        *extra,
     ]
     if epochs is not None:
         flags.append(f"--trainer.max_epochs={epochs}")
@@ -234,7 +252,8 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
     elif variant == "plain-fast":
         result = run_plain_fast(epochs=args.epochs or 10, **common)
     else:
-        result = run_recipe(f"{'mnist' if variant == 'seed' else 'fast'}.yaml", epochs=args.epochs, **common)
+        config, flags = RECIPES[variant]
+        result = run_recipe(config, flags, epochs=args.epochs, **common)
     # ru_maxrss is in KiB on Linux.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available() and args.accelerator != "cpu":
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {VARIANTS}"
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--val-size", type=int, default=5000)
@@ -300,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
         parser.exit(2, f"mnist_lit.bench: error: --data-dir {args.data_dir} has no MNIST/raw/ folder\n")
 
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.child:
         print(json.dumps(run_child(args.child, args)))
         return

@@ -10,6 +10,7 @@ import pytest
 from mnist_lit.cli import main
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Flags that shrink any run to a few seconds on two cores; tests add what they are about.
 QUICK = [
     "--trainer.max_epochs=1",

@@ -8,7 +8,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.runs import load_checkpoint
-from tests.conftest import QUICK, cli, fit_args
+from tests.conftest import CONFIGS, QUICK, cli, fit_args
 
 
 def checkpoints(workdir, version=0):
@@ -115,3 +115,21 @@ def test_print_config_shows_the_recipe(capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["lr"] == 1e-3 and config["data"]["batch_size"] == 100
     assert config["trainer"]["max_epochs"] == 10
+
+
+@pytest.mark.parametrize("recipe", ["mnist.yaml", "fast.yaml"])
+def test_each_recipe_trains_with_its_own_settings(workdir, mnist_dir, recipe):
+    config_file = CONFIGS / recipe
+    config = yaml.safe_load(config_file.read_text())
+    cli(
+        "fit", f"--config={config_file}", f"--data.data_dir={mnist_dir}", "--data.val_size=100",
+        *QUICK, "--trainer.limit_train_batches=2",
+    )  # fmt: skip
+    saved = yaml.safe_load((workdir / "lightning_logs/version_0/config.yaml").read_text())
+    assert saved["model"]["lr"] == config["model"]["lr"]
+    assert saved["model"]["lr_schedule"] == config["model"]["lr_schedule"]
+    assert saved["data"]["batch_size"] == config["data"]["batch_size"]
+    assert saved["trainer"]["precision"] == config["trainer"].get("precision", None)
+    last = load_checkpoint(workdir / "lightning_logs/version_0/checkpoints/last.ckpt")
+    assert last["global_step"] == 2
+    assert last["hyper_parameters"]["label_smoothing"] == config["model"]["label_smoothing"]
