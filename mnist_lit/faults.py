@@ -50,13 +50,24 @@ def last_checkpoints(trainer: L.Trainer) -> list[Path]:
 
 
 class StopOnDivergence(Callback):
-    """Stops ``fit`` at the first non-finite training loss, saying at which epoch and step."""
+    """Stops ``fit`` at the first non-finite training loss it sees, saying at which epoch and step.
+
+    Looking at the loss waits for the GPU to finish the step and, under DDP, for every rank, so only a
+    single CPU process looks at every step (where it costs nothing); otherwise the loss is looked at
+    every ``log_every_n_steps`` steps and at each epoch's last batch. A NaN never heals, so a late look
+    still finds it, and always before the epoch's checkpoints are written.
+    """
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
+            return
+        every_step = pl_module.device.type == "cpu" and trainer.world_size == 1
+        interval = 1 if every_step else max(1, trainer.log_every_n_steps)
+        last_batch = batch_idx + 1 == trainer.num_training_batches
+        if trainer.global_step % interval and not last_batch:
             return
         diverged = not bool(torch.isfinite(loss).all())
         # Every rank stops at the same step, or DDP would wait forever for the one that stopped.
@@ -66,9 +77,10 @@ class StopOnDivergence(Callback):
         kept_text = (
             f"kept the last good checkpoint {kept[0]}" if kept else "no checkpoint was saved before it"
         )
+        seen = "" if every_step else f" (looked at every {interval} steps)"
         raise TrainingDiverged(
             f"training diverged: the loss became {float(loss)} at epoch {trainer.current_epoch}, "
-            f"step {trainer.global_step} (batch {batch_idx}); {kept_text}; lower the learning rate"
+            f"step {trainer.global_step} (batch {batch_idx}){seen}; {kept_text}; lower the learning rate"
         )
 
 

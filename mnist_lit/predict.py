@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 from rich.table import Table
 
+from mnist_lit.errors import UserError
 from mnist_lit.model import NUM_CLASSES
 
 
@@ -32,6 +33,13 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output = output
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Refuse before predicting anything, rather than after; an existing file is never replaced.
+        if stage == "predict" and self.output and Path(self.output).exists():
+            raise UserError(
+                f"{self.output} already exists: choose another --predictions.output, or move the file away"
+            )
 
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices

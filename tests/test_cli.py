@@ -108,6 +108,13 @@ def test_validate_and_predict_use_the_newest_run(workdir, mnist_dir, capsys):
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(200), atol=1e-4, rtol=0)
     assert [int(row["digit"]) for row in rows] == probs.argmax(dim=1).tolist()
 
+    # Predicting again into the same file refuses before any work, and keeps the file as it was.
+    before = (workdir / "preds.csv").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        cli("predict", *QUICK[1:], "--predictions.output=preds.csv")
+    assert "preds.csv already exists" in str(exit_info.value.code)
+    assert (workdir / "preds.csv").read_bytes() == before
+
 
 def test_print_config_shows_the_recipe(capsys):
     with pytest.raises(SystemExit):

@@ -30,3 +30,26 @@ def test_two_process_ddp_fit_on_cpu_shards_the_data(tmp_path, mnist_dir):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     # Only one run folder: the other rank did not claim a version of its own.
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+
+
+@pytest.mark.slow
+def test_divergence_under_ddp_stops_every_rank_with_one_clear_line(tmp_path, mnist_dir):
+    # lr x 1e15 after every epoch: epoch 0 trains normally, epoch 1 sends the loss to NaN on both ranks.
+    explode = ["--optimizer=Adam", "--lr_scheduler=ExponentialLR", "--lr_scheduler.gamma=1e15"]
+    cmd = [
+        sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100",
+        *QUICK, "--trainer.max_epochs=3", *explode,
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    assert errors and all("training diverged: the loss became nan at epoch 1" in line for line in errors)
+    # Under DDP each look waits for every rank, so the loss is looked at on logging steps and epoch ends.
+    assert all("(looked at every 50 steps)" in line for line in errors), errors
+    kept = load_checkpoint(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")
+    assert kept["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
