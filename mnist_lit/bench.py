@@ -14,8 +14,9 @@ same machine, and reports per-epoch times; the table compares them as ratios to 
 - ``seed-bf16``, ``seed-compile``, ``fast-fp32``: the recipes with one switch flipped
   (``--trainer.precision``, ``--model.compile``), to measure what each switch buys (not run by default).
 
-Epoch time is the median over epochs after the first (warm-up); ``train`` time counts only the
-training batches (mnist_lit's epochs also validate on 5k images).
+Epoch time is the median over epochs after the first (warm-up); ms/train step counts only the
+training batches (mnist_lit's epochs also validate on 5k images). ``--repeat N`` runs all the variants
+N times, interleaved, and reports medians; ratios are paired round by round, so drift cancels out.
 """
 
 import argparse
@@ -99,6 +100,34 @@ def _device(accelerator: str) -> torch.device:
     return torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def plain_loop(net, optimizer, epochs: int, train_batches, test_batches, device: torch.device) -> dict:
+    """Train the plain way (no Lightning), timing each epoch, then count correct test predictions.
+
+    ``train_batches(epoch)`` and ``test_batches()`` yield (images, labels) ready for ``net`` on ``device``.
+    """
+    times, steps, start = [], [], time.perf_counter()
+    for epoch in range(epochs):
+        net.train()
+        t0, n = time.perf_counter(), 0
+        for images, labels in train_batches(epoch):
+            loss = torch.nn.functional.cross_entropy(net(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            n += 1
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        steps.append(n)
+    fit_s = time.perf_counter() - start
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in test_batches():
+            correct += (net(images).argmax(1) == labels).sum().item()
+            total += len(labels)
+    return {"epochs": times, "train": times, "steps": steps, "fit_s": fit_s, "acc": correct / total}
+
+
 def run_plain(data_dir: str, epochs: int, accelerator: str, seed: int, **_) -> dict:
     """The seed notebook's loop (per-image transforms, all 60k training images)."""
     from torch.utils.data import DataLoader
@@ -110,37 +139,19 @@ def run_plain(data_dir: str, epochs: int, accelerator: str, seed: int, **_) -> d
     torch.manual_seed(seed)
     device = _device(accelerator)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
-    train = datasets.MNIST(data_dir, train=True, transform=transform)
-    test = datasets.MNIST(data_dir, train=False, transform=transform)
-    train_loader = DataLoader(train, batch_size=100, shuffle=True)
+    train = DataLoader(
+        datasets.MNIST(data_dir, train=True, transform=transform), batch_size=100, shuffle=True
+    )
+    test = DataLoader(datasets.MNIST(data_dir, train=False, transform=transform), batch_size=100)
     net = ConvNet().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    times, start = [], time.perf_counter()
-    for _ in range(epochs):
-        net.train()
-        t0 = time.perf_counter()
-        for images, labels in train_loader:
-            images, labels = images.to(device), labels.to(device)
-            loss = torch.nn.functional.cross_entropy(net(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    fit_s = time.perf_counter() - start
-    net.eval()
-    correct = 0
-    with torch.no_grad():
-        for images, labels in DataLoader(test, batch_size=100):
-            correct += (net(images.to(device)).argmax(1).cpu() == labels).sum().item()
-    steps = len(train_loader)
-    return {
-        "epochs": times,
-        "train": times,
-        "steps": [steps] * epochs,
-        "fit_s": fit_s,
-        "acc": correct / len(test),
-    }
+
+    def on_device(loader):
+        return ((images.to(device), labels.to(device)) for images, labels in loader)
+
+    return plain_loop(
+        net, optimizer, epochs, lambda _epoch: on_device(train), lambda: on_device(test), device
+    )
 
 
 def run_plain_fast(data_dir: str, epochs: int, accelerator: str, seed: int, val_size: int, **_) -> dict:
@@ -156,31 +167,18 @@ def run_plain_fast(data_dir: str, epochs: int, accelerator: str, seed: int, val_
     dm.setup("test")
     model = MNISTClassifier().to(device)  # only for its channels_last network and forward()
     optimizer = model.configure_optimizers()  # the seed recipe's: Adam, lr 1e-3, constant
-    train_loader = dm.train_dataloader()
-    times, start = [], time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        train_loader.sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        for batch in train_loader:
-            images, labels = dm.on_after_batch_transfer([t.to(device) for t in batch], 0)
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    fit_s = time.perf_counter() - start
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for batch in dm.test_dataloader():
-            images, labels = dm.on_after_batch_transfer([t.to(device) for t in batch], 0)
-            correct += (model(images).argmax(1) == labels).sum().item()
-    return {
-        "epochs": times, "train": times, "steps": [len(train_loader)] * epochs,
-        "fit_s": fit_s, "acc": correct / len(dm.test_set),
-    }  # fmt: skip
+    train = dm.train_dataloader()
+
+    def normalized(loader):
+        return (dm.on_after_batch_transfer([t.to(device) for t in batch], 0) for batch in loader)
+
+    def train_batches(epoch: int):
+        train.sampler.set_epoch(epoch)
+        return normalized(train)
+
+    return plain_loop(
+        model, optimizer, epochs, train_batches, lambda: normalized(dm.test_dataloader()), device
+    )
 
 
 def run_recipe(
@@ -261,24 +259,44 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def summarize(name: str, result: dict) -> dict:
-    warm = result["epochs"][1:] or result["epochs"]
-    warm_train = result["train"][1:] or result["train"]
-    warm_steps = result["steps"][1:] or result["steps"]
-    return {
+def summarize(name: str, runs: list[dict], plain_runs: list[dict] | None) -> dict:
+    """One table row from a variant's runs (one per --repeat round): medians over the rounds.
+
+    Ratios to the plain loop are taken round by round (each variant against the plain run of the same
+    round, minutes apart) before the median, so that slow drift of the machine cancels out.
+    """
+    per_run = []
+    for result in runs:
+        warm = result["epochs"][1:] or result["epochs"]  # epoch 0 pays for warm-up
+        warm_train = result["train"][1:] or result["train"]
+        warm_steps = result["steps"][1:] or result["steps"]
+        per_run.append(
+            {
+                "epoch_s": statistics.median(warm),
+                "step_ms": 1000 * sum(warm_train) / sum(warm_steps),
+                "fit_s": result["fit_s"],
+            }
+        )
+    row = {
         "variant": name,
-        "epochs": len(result["epochs"]),
-        "epoch_s": statistics.median(warm),
-        "epoch_spread_s": max(warm) - min(warm),
-        "step_ms": 1000 * sum(warm_train) / sum(warm_steps),
-        "fit_s": result["fit_s"],
-        "test_acc": result["acc"],
-        "peak_rss_mb": result["peak_rss_mb"],
+        "epochs": len(runs[0]["epochs"]),
+        "rounds": len(runs),
+        **{key: statistics.median(r[key] for r in per_run) for key in ("epoch_s", "step_ms", "fit_s")},
+        "epoch_min_s": min(r["epoch_s"] for r in per_run),
+        "epoch_max_s": max(r["epoch_s"] for r in per_run),
+        "test_acc": statistics.median(r["acc"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "per_run": per_run,
     }
+    if plain_runs:
+        plain = [summarize(name, [r], None) for r in plain_runs]
+        for key in ("epoch_s", "fit_s", "step_ms"):
+            ratios = [mine[key] / base[key] for mine, base in zip(per_run, plain, strict=True)]
+            row[f"{key}_vs_plain"] = statistics.median(ratios)
+    return row
 
 
 def table(rows: list[dict], device: str) -> str:
-    base = next((r for r in rows if r["variant"] == "plain"), None)
     lines = [
         f"device: {device}",
         "| variant | epochs | s/epoch (median) | ms/train step | fit s | test acc | peak RSS MB "
@@ -286,17 +304,23 @@ def table(rows: list[dict], device: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = f"{r['epoch_s'] / base['epoch_s']:.2f}x" if base else "-"
-        fit_ratio = f"{r['fit_s'] / base['fit_s']:.2f}x" if base else "-"
+        ratio = f"{r['epoch_s_vs_plain']:.2f}x" if "epoch_s_vs_plain" in r else "-"
+        fit_ratio = f"{r['fit_s_vs_plain']:.2f}x" if "fit_s_vs_plain" in r else "-"
+        spread = f" ({r['epoch_min_s']:.2f}..{r['epoch_max_s']:.2f})" if r["rounds"] > 1 else ""
         lines.append(
-            f"| {r['variant']} | {r['epochs']} | {r['epoch_s']:.2f} ± {r['epoch_spread_s'] / 2:.2f} "
+            f"| {r['variant']} | {r['epochs']} | {r['epoch_s']:.2f}{spread} "
             f"| {r['step_ms']:.1f} | {r['fit_s']:.1f} | {r['test_acc']:.2%} | {r['peak_rss_mb']:.0f} "
             f"| {ratio} | {fit_ratio} |"
         )
     by_name = {r["variant"]: r for r in rows}
     if "plain-fast" in by_name and "seed" in by_name:
-        overhead = by_name["seed"]["step_ms"] / by_name["plain-fast"]["step_ms"] - 1
-        lines.append(f"Lightning overhead per training step (seed vs plain-fast): {overhead:+.1%}")
+        pairs = zip(by_name["seed"]["per_run"], by_name["plain-fast"]["per_run"], strict=True)
+        overhead = statistics.median(seed["step_ms"] / plain["step_ms"] - 1 for seed, plain in pairs)
+        rounds = by_name["seed"]["rounds"]
+        lines.append(
+            f"Lightning overhead per training step (seed vs plain-fast, median of {rounds} round(s)): "
+            f"{overhead:+.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -312,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of all variants, interleaved; the table shows medians"
+    )
     parser.add_argument("--output", help="also write the results as JSON here")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,19 +353,22 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_child(args.child, args)))
         return
 
-    rows = []
     child_flags = [f"--data-dir={args.data_dir}", f"--accelerator={args.accelerator}", f"--seed={args.seed}"]
     child_flags += [f"--val-size={args.val_size}", *([f"--epochs={args.epochs}"] if args.epochs else [])]
-    for variant in args.variants.split(","):
-        print(f"running {variant} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(
-            [sys.executable, "-m", "mnist_lit.bench", *child_flags, "--child", variant],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
-            parser.exit(1, f"mnist_lit.bench: error: variant {variant} failed (exit {proc.returncode})\n")
-        rows.append(summarize(variant, json.loads(proc.stdout.strip().splitlines()[-1])))
+    variants = args.variants.split(",")
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+    for round_ in range(max(1, args.repeat)):
+        for variant in variants:
+            print(f"round {round_ + 1}: running {variant} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "mnist_lit.bench", *child_flags, "--child", variant],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                parser.exit(1, f"mnist_lit.bench: error: variant {variant} failed (exit {proc.returncode})\n")
+            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = [summarize(variant, runs[variant], runs.get("plain")) for variant in variants]
     report = table(rows, device_name(args.accelerator))
     print(report)
     if args.output:

@@ -12,17 +12,19 @@ from tests.conftest import subprocess_env
 @pytest.mark.slow
 def test_bench_runs_every_variant_and_prints_the_table(tmp_path, mnist_dir):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "mnist_lit.bench", f"--data-dir={mnist_dir}", "--epochs=2", "--val-size=100"]
+    cmd = [sys.executable, "-m", "mnist_lit.bench", f"--data-dir={mnist_dir}", "--epochs=1", "--val-size=100"]
     proc = subprocess.run(
-        [*cmd, "--variants", "plain,plain-fast,seed,fast", "--output", str(out)],
+        [*cmd, "--variants", "plain,plain-fast,seed,fast", "--repeat", "2", "--output", str(out)],
         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {row["variant"]: row for row in report["rows"]}
     assert list(rows) == ["plain", "plain-fast", "seed", "fast"]
+    assert rows["plain"]["epoch_s_vs_plain"] == 1.0
     for row in rows.values():
-        assert row["epochs"] == 2
+        assert row["epochs"] == 1 and row["rounds"] == 2 and len(row["per_run"]) == 2
+        assert row["epoch_min_s"] <= row["epoch_s"] <= row["epoch_max_s"]
         assert row["epoch_s"] > 0 and row["step_ms"] > 0 and row["peak_rss_mb"] > 0
         assert 0.0 <= row["test_acc"] <= 1.0
     lines = proc.stdout.splitlines()
