@@ -7,6 +7,7 @@ know: which checkpoint a bare ``test`` means, and the summaries printed at the e
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -61,12 +62,6 @@ class MNISTCLI(LightningCLI):
                 "last_checkpoint.save_on_exception": True,
             }
         )
-        parser.add_lightning_class_args(PredictionWriter, "predictions")
-        # TensorBoard extras: lr-Adam every logged step; after `test`, the confusion matrix, mistakes grid
-        # and per-class accuracy (report.py).
-        parser.add_lightning_class_args(LearningRateLog, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.add_lightning_class_args(TestReport, "test_report")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -81,12 +76,26 @@ class MNISTCLI(LightningCLI):
         given = list(sys.argv[1:] if args is None else args)
         at = given.index(command) + 1
         inherited = [f"--{section}={json.dumps(run.settings(section))}" for section in ("data", "model")]
-        super().parse_arguments(parser, [*given[:at], *inherited, *given[at:], f"--ckpt_path={checkpoint}"])
+        with warnings.catch_warnings():  # "args and sys.argv both given": on purpose, args extends argv
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(
+                parser, [*given[:at], *inherited, *given[at:], f"--ckpt_path={checkpoint}"]
+            )
         score_text = "" if score is None else f" (val/acc {score:.4f})"
         print(f"{command}: using {checkpoint}{score_text}")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # Callbacks of one command only: Lightning calls every callback's hooks at every step, so fit
+        # carries none it does not use. TensorBoard extras: lr-Adam every logged step in fit; after
+        # test, the confusion matrix, mistakes grid and per-class accuracy (report.py).
+        if subcommand == "fit":
+            parser.add_lightning_class_args(LearningRateLog, "lr_monitor")
+            parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        elif subcommand == "test":
+            parser.add_lightning_class_args(TestReport, "test_report")
+        elif subcommand == "predict":
+            parser.add_lightning_class_args(PredictionWriter, "predictions")
         # --weights_only is added here, after add_arguments_to_parser. Lightning's default (None) means
         # full unpickling for URLs and old torch versions: never run code from a checkpoint.
         if "weights_only" in self._subcommand_method_arguments[subcommand]:
@@ -162,7 +171,18 @@ def run_tool(argv: list[str]) -> None:
     function(**(config[prefix] if prefix else config).as_dict())
 
 
+# Noise a user can do nothing about: deprecations inside torchdata and Lightning, and ModelCheckpoint
+# noting, when test/validate/predict restore a fit checkpoint, that they log to a folder of their own.
+QUIET = (
+    "'set_vital' is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    "The dirpath has changed",
+)
+
+
 def main(args: ArgsType = None) -> None:
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
     argv = sys.argv[1:] if args is None else args
     try:
         if isinstance(argv, list) and argv and argv[0] in TOOLS:
