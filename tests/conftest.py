@@ -71,5 +71,8 @@ def fit_args(data_dir: Path, *extra: str) -> list[str]:
 
 def subprocess_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The repository root, so that a subprocess can load test helpers (tests.pacing) as callbacks.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env

@@ -22,8 +22,8 @@ def fit_flags(data_dir, epochs: int = 2) -> list[str]:
     ]  # fmt: skip
 
 
-def start_fit(cwd, data_dir, epochs: int = 2) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mnist_lit", *fit_flags(data_dir, epochs)]
+def start_fit(cwd, data_dir, epochs: int = 2, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mnist_lit", *fit_flags(data_dir, epochs), *extra]
     return subprocess.Popen(
         cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -50,9 +50,11 @@ def uninterrupted(tmp_path_factory, mnist_dir) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, mnist_dir, uninterrupted, signum):
-    proc = start_fit(workdir, mnist_dir)
+    marker = workdir / "epoch1-under-way"
+    pace = ["--trainer.callbacks+=tests.pacing.Pace", f"--trainer.callbacks.marker={marker}"]
+    proc = start_fit(workdir, mnist_dir, 2, *pace)
     last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
-    wait_for(last, proc)  # epoch 0 is done: the signal lands in epoch 1
+    wait_for(marker, proc)  # 4 batches into epoch 1, which goes on for 21 more paced ones: signal now
     saved_after_epoch_0 = last.stat().st_mtime_ns
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
