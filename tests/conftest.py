@@ -65,6 +65,16 @@ def cli(*args: str) -> None:
     main(list(args))
 
 
+def last_checkpoint_of_fit(folder: Path, *args: str) -> dict:
+    """Run `fit ARGS` in-process inside ``folder`` and return its last.ckpt, loaded."""
+    from mnist_lit.runs import load_checkpoint
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        cli(*args)
+    return load_checkpoint(folder / "lightning_logs/version_0/checkpoints/last.ckpt")
+
+
 def fit_args(data_dir: Path, *extra: str) -> list[str]:
     return ["fit", f"--data.data_dir={data_dir}", "--data.val_size=100", *QUICK, *extra]
 

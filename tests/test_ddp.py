@@ -11,16 +11,18 @@ from mnist_lit.runs import load_checkpoint
 from tests.conftest import QUICK, subprocess_env
 
 
+def ddp_fit(folder, data_dir, *flags: str) -> subprocess.CompletedProcess:
+    """`python -m mnist_lit fit` on two CPU processes, as a user would start it."""
+    cmd = [
+        sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={data_dir}", "--data.val_size=100",
+        *QUICK, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", *flags,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=folder, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_fit_on_cpu_shards_the_data(tmp_path, mnist_dir):
-    cmd = [
-        sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100",
-        *QUICK, "--trainer.max_epochs=2",
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600
-    )
+    proc = ddp_fit(tmp_path, mnist_dir, "--trainer.max_epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = load_checkpoint(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")
@@ -36,14 +38,7 @@ def test_two_process_ddp_fit_on_cpu_shards_the_data(tmp_path, mnist_dir):
 def test_divergence_under_ddp_stops_every_rank_with_one_clear_line(tmp_path, mnist_dir):
     # lr x 1e15 after every epoch: epoch 0 trains normally, epoch 1 sends the loss to NaN on both ranks.
     explode = ["--optimizer=Adam", "--lr_scheduler=ExponentialLR", "--lr_scheduler.gamma=1e15"]
-    cmd = [
-        sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100",
-        *QUICK, "--trainer.max_epochs=3", *explode,
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600
-    )
+    proc = ddp_fit(tmp_path, mnist_dir, "--trainer.max_epochs=3", *explode)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]

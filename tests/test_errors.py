@@ -10,7 +10,16 @@ import torch
 import yaml
 
 from mnist_lit.runs import load_checkpoint
-from tests.conftest import QUICK, cli, fit_args, idx_bytes, subprocess_env, synthetic_digits, write_mnist
+from tests.conftest import (
+    QUICK,
+    cli,
+    fit_args,
+    idx_bytes,
+    last_checkpoint_of_fit,
+    subprocess_env,
+    synthetic_digits,
+    write_mnist,
+)
 
 TRAIN_IMAGES = "MNIST/raw/train-images-idx3-ubyte"
 TRAIN_LABELS = "MNIST/raw/train-labels-idx1-ubyte"
@@ -137,11 +146,7 @@ def test_parse_error_from_the_shell_is_one_line_without_traceback(tmp_path, mnis
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir) -> dict:
     """A real checkpoint from a one-epoch fit."""
-    folder = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        cli(*fit_args(mnist_dir))
-    return load_checkpoint(folder / "lightning_logs/version_0/checkpoints/last.ckpt")
+    return last_checkpoint_of_fit(tmp_path_factory.mktemp("trained"), *fit_args(mnist_dir))
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mnist_lit.runs import load_checkpoint
-from tests.conftest import QUICK, cli, subprocess_env
+from tests.conftest import QUICK, cli, last_checkpoint_of_fit, subprocess_env
 
 # 500 training images in batches of 20: 25 steps an epoch, long enough to be interrupted inside one.
 STEPS_PER_EPOCH = 25
@@ -40,11 +40,7 @@ def wait_for(path, proc: subprocess.Popen, timeout: float = 120) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mnist_dir) -> dict:
     """last.ckpt of the same two epochs, run straight through."""
-    folder = tmp_path_factory.mktemp("straight")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        cli(*fit_flags(mnist_dir))
-    return load_checkpoint(folder / "lightning_logs/version_0/checkpoints/last.ckpt")
+    return last_checkpoint_of_fit(tmp_path_factory.mktemp("straight"), *fit_flags(mnist_dir))
 
 
 @pytest.mark.slow
