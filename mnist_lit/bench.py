@@ -227,7 +227,9 @@ def run_recipe(
 def _last_test_acc(log_root: Path) -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    newest = max(log_root.glob("version_*"), key=lambda d: int(d.name.split("_")[1]))
+    from mnist_lit.runs import run_folders
+
+    newest = run_folders(log_root)[0]  # the test run, logged after the fit run
     events = EventAccumulator(str(newest))
     events.Reload()
     return events.Scalars("test/acc")[-1].value

@@ -45,6 +45,8 @@ class OneLineErrorParser(LightningArgumentParser):
 
 
 class MNISTCLI(LightningCLI):
+    _checkpoint: dict | None = None  # what --ckpt_path holds, loaded once (weights only) and checked
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # --checkpoint.*: the best epoch by val/acc. --last_checkpoint.*: last.ckpt, rewritten every epoch
         # for resuming (Lightning 2.6's save_last only rewrites it when the best one improves).
@@ -121,13 +123,13 @@ class MNISTCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, right after parsing, and a bad file
         # would end in torch's traceback: load it the safe way first, which says what is wrong in a line.
-        if path := self._checkpoint_file():
-            load_checkpoint(path)
+        path = self._checkpoint_file()
+        self._checkpoint = load_checkpoint(path) if path else None
         super()._parse_ckpt_path()
 
     def _check_checkpoint(self) -> None:
-        if path := self._checkpoint_file():
-            check_checkpoint_fits(path, self.model)
+        if self._checkpoint is not None:
+            check_checkpoint_fits(self._checkpoint, self._checkpoint_file(), self.model)
 
     before_fit = before_validate = before_test = before_predict = _check_checkpoint
 

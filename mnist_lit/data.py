@@ -101,17 +101,23 @@ class MNISTDataModule(L.LightningDataModule):
         self.test_set: DigitTensors | None = None
         self.predict_set: DigitTensors | None = None
         self.predict_files: list[Path] = []  # the files behind predict_set's images, in order
+        # Splits that prepare_data already parsed, handed on to setup in the same process (see there).
+        self._parsed: dict[bool, MNIST] = {}
 
     @property
     def raw_folder(self) -> Path:
         return Path(self.hparams.data_dir) / "MNIST" / "raw"
 
     def prepare_data(self) -> None:
-        """Runs on one process per node before ``setup``: download what is missing, nothing else."""
+        """Runs on one process per node before ``setup``: download what is missing.
+
+        torchvision parses (and we check) the files as it finds them; that process keeps the result for
+        its own ``setup``, so the files are read once. The other DDP ranks parse in ``setup``.
+        """
         if self._predicting_files():  # the user's images need no MNIST
             return
         for train in (True, False):
-            self._mnist(train, download=self.hparams.download)
+            self._parsed[train] = self._mnist(train, download=self.hparams.download)
 
     def setup(self, stage: str) -> None:
         """Runs on every process: parse the IDX files into tensors and split train/val."""
@@ -189,7 +195,9 @@ class MNISTDataModule(L.LightningDataModule):
         return self._tensors(train=True)[0]
 
     def _tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        mnist = self._mnist(train, download=False)
+        mnist = self._parsed.pop(train, None)
+        if mnist is None:
+            mnist = self._mnist(train, download=False)
         return mnist.data.unsqueeze(1), mnist.targets
 
     def _mnist(self, train: bool, download: bool) -> MNIST:

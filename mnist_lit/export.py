@@ -36,8 +36,8 @@ class PixelsToLogits(nn.Module):
 
 def from_checkpoint(path: Path) -> PixelsToLogits:
     """The network and normalization a ``fit`` checkpoint holds, in eval mode (BatchNorm's running stats)."""
-    check_checkpoint_fits(path, MNISTClassifier(channels_last=False))
     state = load_checkpoint(path)
+    check_checkpoint_fits(state, path, MNISTClassifier(channels_last=False))
     # Lightning saves the datamodule's init arguments next to the model's; a checkpoint made without the
     # datamodule was trained on MNIST's own constants, the defaults.
     data = {"mean": MNIST_MEAN, "std": MNIST_STD, **state.get("datamodule_hyper_parameters", {})}

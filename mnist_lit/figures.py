@@ -8,13 +8,13 @@ newest test run beside it (``--test-run`` to choose).
 """
 
 import argparse
-import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.report import CONFUSION_MATRIX_TAG, MISTAKES_TAG
+from mnist_lit.runs import run_folders
 
 # (panel title, [(scalar tag, curve label), ...]): the per-epoch values the model logs.
 CURVES = (
@@ -59,8 +59,7 @@ def training_curves(events: EventAccumulator, title: str) -> Figure:
 
 def newest_test_run(run: Path) -> Path | None:
     """The highest ``version_N`` beside ``run`` whose events hold the test report's confusion matrix."""
-    siblings = [d for d in run.parent.glob("version_*") if re.fullmatch(r"version_\d+", d.name)]
-    for candidate in sorted(siblings, key=lambda d: int(d.name.split("_")[1]), reverse=True):
+    for candidate in run_folders(run.parent):
         has_events = any(candidate.glob("events.out.tfevents.*"))
         if has_events and CONFUSION_MATRIX_TAG in load_events(candidate).Tags()["images"]:
             return candidate

@@ -55,16 +55,21 @@ class Run:
         return newest, None
 
 
+def run_folders(log_root: Path) -> list[Path]:
+    """The ``version_N`` folders under ``log_root``, newest (highest N) first."""
+    folders = [d for d in log_root.glob("version_*") if re.fullmatch(r"version_\d+", d.name)]
+    return sorted(folders, key=lambda d: int(d.name.split("_")[1]), reverse=True)
+
+
 def newest_run(log_root: Path) -> Run:
     """The ``version_N`` folder under ``log_root`` with the highest N that holds a checkpoint."""
-    runs = [Run(d) for d in log_root.glob("version_*") if re.fullmatch(r"version_\d+", d.name)]
-    runs = [run for run in runs if run.checkpoints]
-    if not runs:
+    run = next((run for run in map(Run, run_folders(log_root)) if run.checkpoints), None)
+    if run is None:
         raise UserError(
             f"no trained run found under {log_root}/: run `python -m mnist_lit fit` first, "
             "or pass --ckpt_path to a checkpoint"
         )
-    return max(runs, key=lambda run: int(run.log_dir.name.split("_")[1]))
+    return run
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -99,9 +104,9 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def check_checkpoint_fits(path: Path, model: torch.nn.Module) -> None:
-    """Raise UserError unless the checkpoint at ``path`` holds weights of exactly ``model``'s shapes."""
-    saved = {name: tuple(t.shape) for name, t in load_checkpoint(path)["state_dict"].items()}
+def check_checkpoint_fits(checkpoint: dict, path: Path, model: torch.nn.Module) -> None:
+    """Raise UserError unless ``checkpoint``, loaded from ``path``, holds weights of ``model``'s shapes."""
+    saved = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
     wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name, shape in wanted.items():
         if name not in saved:
