@@ -103,6 +103,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.predict_files: list[Path] = []  # the files behind predict_set's images, in order
         # Splits that prepare_data already parsed, handed on to setup in the same process (see there).
         self._parsed: dict[bool, MNIST] = {}
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std per device
 
     @property
     def raw_folder(self) -> Path:
@@ -175,18 +176,31 @@ class MNISTDataModule(L.LightningDataModule):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 pixels in [0, 255] -> float32, scaled to [0, 1], then standardized."""
         images = TF.to_dtype(images, torch.float32, scale=True)
-        return TF.normalize(images, mean=[self.hparams.mean], std=[self.hparams.std])
+        mean, std = self._stats_on(images.device)
+        return TF.normalize(images, mean=mean, std=std)
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # torchvision turns a list mean/std into tensors on the images' device at every call: on a GPU,
+        # two host-to-device copies that wait for it every step. Tensors already there are used as given.
+        if device not in self._stats:
+            stats = torch.tensor([[self.hparams.mean], [self.hparams.std]], device=device)
+            self._stats[device] = (stats[0], stats[1])
+        return self._stats[device]
 
     def _loader(
         self, dataset: DigitTensors | None, sampler: ResumableShuffle | None = None
     ) -> StatefulDataLoader:
         workers = self.hparams.num_workers
+        trainer = self.trainer
         return StatefulDataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
+            # Batches bound for a GPU in page-locked memory: Lightning's non_blocking copy is then truly
+            # asynchronous, instead of a copy from pageable memory that waits for the GPU every step.
+            pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
             collate_fn=default_convert,  # `__getitems__` already returns a batch
         )
 

@@ -26,6 +26,7 @@ def test_bench_runs_every_variant_and_prints_the_table(tmp_path, mnist_dir):
         assert row["epochs"] == 1 and row["rounds"] == 2 and len(row["per_run"]) == 2
         assert row["epoch_min_s"] <= row["epoch_s"] <= row["epoch_max_s"]
         assert row["epoch_s"] > 0 and row["step_ms"] > 0 and row["peak_rss_mb"] > 0
+        assert row["epoch_s"] <= row["loop_s"] <= row["fit_s"] * 1.01  # one epoch <= all epochs <= fit
         assert 0.0 <= row["test_acc"] <= 1.0
     lines = proc.stdout.splitlines()
     assert lines[0] == f"device: {report['device']}"
