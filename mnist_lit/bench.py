@@ -5,10 +5,12 @@
 Each variant runs in a fresh child process (so peak memory is its own), one after another on the
 same machine, and reports per-epoch times; the table compares them as ratios to the plain loop:
 
-- ``plain``: the notebook, verbatim in spirit: torchvision MNIST with per-image ToTensor+Normalize,
-  a DataLoader of batch 100, Adam 1e-3, cross-entropy, all 60k training images per epoch.
-- ``plain-fast``: a plain loop over mnist_lit's own data pipeline and network settings (in-memory
-  uint8 batches, channels_last), no Lightning: the yardstick for Lightning's own overhead.
+- ``plain``: the notebook, verbatim in spirit: its network in its layer order, torchvision MNIST with
+  per-image ToTensor+Normalize, a DataLoader of batch 100, Adam 1e-3, cross-entropy, all 60k training
+  images per epoch, glibc's default malloc.
+- ``plain-fast``: a plain loop over mnist_lit's own data pipeline, network and process settings
+  (in-memory uint8 batches, ConvNet in channels_last, the CLI's malloc settings), no Lightning: the
+  yardstick for Lightning's own overhead.
 - ``seed``: ``mnist_lit fit --config configs/mnist.yaml`` then ``test``.
 - ``fast``: ``mnist_lit fit --config configs/fast.yaml`` then ``test``.
 - ``seed-bf16``, ``seed-compile``, ``seed-cudnn-benchmark``, ``fast-fp32``: the recipes with one switch
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import nn
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Lightning variants: (recipe, extra flags).
@@ -66,23 +69,18 @@ class EpochClock(L.Callback):
         self.steps: list[int] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sync(pl_module)
+        synchronize(pl_module.device)
         self._start, self._first_step = time.perf_counter(), trainer.global_step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.training is False and hasattr(self, "_start"):
-            self._sync(pl_module)
+            synchronize(pl_module.device)
             self.train.append(time.perf_counter() - self._start)
             self.steps.append(trainer.global_step - self._first_step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sync(pl_module)
+        synchronize(pl_module.device)
         self.epochs.append(time.perf_counter() - self._start)
-
-    @staticmethod
-    def _sync(pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
 
 
 def device_name(accelerator: str) -> str:
@@ -118,7 +116,7 @@ def plain_loop(net, optimizer, epochs: int, train_batches, test_batches, device:
             loss.backward()
             optimizer.step()
             n += 1
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         steps.append(n)
     fit_s = time.perf_counter() - start
@@ -131,13 +129,37 @@ def plain_loop(net, optimizer, epochs: int, train_batches, test_batches, device:
     return {"epochs": times, "train": times, "steps": steps, "fit_s": fit_s, "acc": correct / total}
 
 
+class NotebookNet(nn.Module):
+    """The seed notebook's network, layer for layer in its order: conv, BN, ReLU, max-pool (twice), linear.
+
+    The plain loop's own network, and what :class:`mnist_lit.model.ConvNet` must compute exactly (it
+    pools before the ReLU; tests/test_model.py compares the two). Same parameter names as ConvNet.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, kernel_size=5, padding=2),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, kernel_size=5, padding=2),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images).flatten(1))
+
+
 def run_plain(data_dir: str, epochs: int, accelerator: str, seed: int, **_) -> dict:
-    """The seed notebook's loop (per-image transforms, all 60k training images)."""
+    """The seed notebook's loop (its network, per-image transforms, all 60k training images)."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
     from mnist_lit.data import MNIST_MEAN, MNIST_STD
-    from mnist_lit.model import ConvNet
 
     torch.manual_seed(seed)
     device = _device(accelerator)
@@ -146,7 +168,7 @@ def run_plain(data_dir: str, epochs: int, accelerator: str, seed: int, **_) -> d
         datasets.MNIST(data_dir, train=True, transform=transform), batch_size=100, shuffle=True
     )
     test = DataLoader(datasets.MNIST(data_dir, train=False, transform=transform), batch_size=100)
-    net = ConvNet().to(device)
+    net = NotebookNet().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
     def on_device(loader):
@@ -159,9 +181,11 @@ def run_plain(data_dir: str, epochs: int, accelerator: str, seed: int, **_) -> d
 
 def run_plain_fast(data_dir: str, epochs: int, accelerator: str, seed: int, val_size: int, **_) -> dict:
     """mnist_lit's data pipeline and network settings in a plain loop: what Lightning is measured against."""
+    from mnist_lit.allocator import keep_freed_memory
     from mnist_lit.data import MNISTDataModule
     from mnist_lit.model import MNISTClassifier
 
+    keep_freed_memory()  # as the CLI does: the yardstick runs on the same allocator settings
     torch.manual_seed(seed)
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     device = _device(accelerator)
@@ -244,7 +268,8 @@ def _last_test_acc(log_root: Path) -> float:
     return events.Scalars("test/acc")[-1].value
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read afterwards includes it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 

@@ -18,6 +18,12 @@ class ConvNet(nn.Module):
 
     Shapes: (N, 1, 28, 28) -> conv, padding 2 keeps 28x28 -> pool 14x14 -> conv keeps 14x14 -> pool 7x7,
     so the classifier sees 32 channels x 7 x 7 = 1568 features.
+
+    Each block max-pools before its ReLU. The two commute (ReLU is monotone: the rectified maximum is the
+    maximum of the rectified values, and the gradient reaches the same element), so outputs and
+    gradients are bit-identical to the notebook's conv, BN, ReLU, pool order (tests/test_model.py checks
+    it), while the ReLU and its backward touch a quarter of the values: ~13% of a CPU step. The
+    parameters and checkpoint keys are the same in either order.
     """
 
     def __init__(self) -> None:
@@ -25,12 +31,12 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(1, 16, kernel_size=5, padding=2),
             nn.BatchNorm2d(16),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(),
             nn.Conv2d(16, 32, kernel_size=5, padding=2),
             nn.BatchNorm2d(32),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(),
         )
         self.classifier = nn.Linear(32 * 7 * 7, NUM_CLASSES)
 

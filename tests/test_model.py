@@ -1,6 +1,14 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
+from mnist_lit.bench import NotebookNet
 from mnist_lit.model import ConvNet, MNISTClassifier
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 
 
 def test_convnet_is_the_seed_network():
@@ -14,6 +22,49 @@ def test_convnet_is_the_seed_network():
     images = torch.randn(3, 1, 28, 28)
     assert net.features(images).shape == (3, 32, 7, 7)
     assert net(images).shape == (3, 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "NCHW"])
+def test_convnet_computes_exactly_what_the_notebooks_layer_order_does(device, channels_last, deterministic):
+    # ConvNet pools before each ReLU; the notebook rectifies first. Same weights, same batch: the
+    # logits, every gradient and BatchNorm's running statistics must be equal bit for bit, in training
+    # and in evaluation. The batch has blank and flat images too, so pooling windows hold ties.
+    # (Deterministic algorithms: cuDNN's weight gradients otherwise differ from run to run in any order.)
+    torch.manual_seed(0)
+    ours = ConvNet()
+    notebook = NotebookNet()
+    notebook.load_state_dict(ours.state_dict())
+    images = torch.randn(100, 1, 28, 28)
+    images[:10] = 0.0
+    images[10:20] = images[10:20, :, :1, :1]  # each a constant image
+    labels = torch.randint(0, 10, (100,))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device).contiguous(memory_format=memory_format)
+    labels = labels.to(device)
+    for net in (ours, notebook):
+        net.to(device, memory_format=memory_format)
+
+    logits = [net(images) for net in (ours, notebook)]
+    assert torch.equal(logits[0], logits[1])
+    for out in logits:
+        F.cross_entropy(out, labels).backward()
+    for (name, ours_p), notebook_p in zip(ours.named_parameters(), notebook.parameters(), strict=True):
+        assert torch.equal(ours_p.grad, notebook_p.grad), name
+    for ours_b, notebook_b in zip(ours.buffers(), notebook.buffers(), strict=True):
+        assert torch.equal(ours_b, notebook_b)
+    ours.eval()
+    notebook.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(images), notebook(images))
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def test_predict_step_returns_probabilities_and_digit():

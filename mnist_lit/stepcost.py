@@ -1,0 +1,202 @@
+"""Where a seed-recipe training step's time goes: each part of it timed alone, in ms per step.
+
+    python -m mnist_lit.stepcost --data-dir ../shared/data [--accelerator gpu] [--steps 300]
+
+``mnist_lit.bench`` times whole runs; this splits one step of batch 100 into what it is made of:
+
+- ``loader``: mnist_lit's training loader alone (sampler, one gather, the copy to the device from
+  pinned memory on a GPU) and the normalization;
+- ``network, eager``: forward, cross-entropy, backward and Adam, on batches already on the device;
+- ``network, one CUDA graph`` (GPU only): the same step captured whole and replayed, so no per-op host
+  work is left: about what the device itself needs;
+- ``Lightning loop, empty step``: ``Trainer.fit`` over batches already on the device with a training
+  step that does almost nothing: Lightning's fixed price per step on this host;
+- ``Lightning + network``: the eager step inside that loop; ``Lightning + MNISTClassifier``: mnist_lit's
+  own module, its torchmetrics updates included.
+
+Lightning rows time the second of two epochs of ``--steps`` steps (the first is the warm-up); the
+others time ``--steps`` steps after 30 of warm-up. A tool for reading, like the benchmark: the tests
+only check that it runs.
+"""
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from mnist_lit.allocator import keep_freed_memory
+from mnist_lit.bench import EpochClock, device_name, synchronize
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.model import MNISTClassifier
+
+BATCH = 100  # the seed recipe's
+
+
+class DeviceBatches:
+    """``steps`` batches cycling through a few normalized ones already on the device: a free loader."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> None:
+        self.batches, self.steps = batches, steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self.batches[i % len(self.batches)] for i in range(self.steps))
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class EmptyStep(L.LightningModule):
+    """One parameter and a one-multiply step: what is left is Lightning's loop and an optimizer call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.weight * 0.0
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class BareNetwork(MNISTClassifier):
+    """mnist_lit's module without its metric updates and logging: the network, the loss and Adam."""
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
+    def on_train_epoch_end(self) -> None:
+        pass  # no train metrics to log
+
+
+def per_step_ms(step: Callable[[], None], steps: int, device: torch.device, warmup: int = 30) -> float:
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def loader_ms(dm: MNISTDataModule, steps: int, device: torch.device) -> float:
+    loader = dm.train_dataloader()
+    loader.pin_memory = device.type == "cuda"  # as it is under a GPU trainer
+    batches = iter(())
+
+    def step() -> None:
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        dm.normalize(batch[0].to(device, non_blocking=True))
+        batch[1].to(device, non_blocking=True)
+
+    return per_step_ms(step, steps, device)
+
+
+def network_ms(batches: Iterator, steps: int, device: torch.device, graph: bool) -> float:
+    """The seed step (channels_last net, cross-entropy, fused Adam), eager or as one CUDA graph."""
+    model = MNISTClassifier().to(device)
+    # capturable: Adam's step count stays on the GPU, so the graph can advance it on replay.
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=graph)
+    images, labels = (t.clone() for t in next(batches))  # fixed inputs: a CUDA graph reads these
+
+    def next_batch() -> None:
+        batch = next(batches)
+        images.copy_(batch[0])
+        labels.copy_(batch[1])
+
+    def eager() -> None:
+        next_batch()
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    if not graph:
+        return per_step_ms(eager, steps, device)
+    side = torch.cuda.Stream()  # warm-up before capture happens on a side stream (torch.cuda.graphs docs)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager()
+    torch.cuda.current_stream().wait_stream(side)
+    whole_step = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(whole_step):
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    def replay() -> None:
+        next_batch()
+        whole_step.replay()
+
+    return per_step_ms(replay, steps, device)
+
+
+def lightning_ms(module: L.LightningModule, batches: list, steps: int, accelerator: str) -> float:
+    clock = EpochClock()
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[clock],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DeviceBatches(batches, steps))
+    return clock.epochs[-1] / steps * 1e3  # no validation: the epoch is its steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mnist_lit.stepcost", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per row (after a warm-up)")
+    parser.add_argument("--val-size", type=int, default=5000, help="held out, as in the recipes")
+    args = parser.parse_args(argv)
+    if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
+        parser.exit(2, f"mnist_lit.stepcost: error: --data-dir {args.data_dir} has no MNIST/raw/ folder\n")
+    gpu = args.accelerator == "gpu"
+    if gpu and not torch.cuda.is_available():
+        parser.exit(2, "mnist_lit.stepcost: error: --accelerator gpu, but torch sees no CUDA GPU\n")
+    keep_freed_memory()  # as the CLI does
+    device = torch.device("cuda" if gpu else "cpu")
+    dm = MNISTDataModule(data_dir=args.data_dir, val_size=args.val_size, download=False)
+    dm.setup("fit")
+    images, labels = dm.train_set.images, dm.train_set.labels
+    n = min(64, len(labels) // BATCH)
+    batches = [
+        (
+            dm.normalize(images[i * BATCH : (i + 1) * BATCH].to(device)),
+            labels[i * BATCH : (i + 1) * BATCH].to(device),
+        )
+        for i in range(n)
+    ]
+
+    def cycle() -> Iterator:
+        return iter(DeviceBatches(batches, 10**9))
+
+    rows = {
+        "loader": loader_ms(dm, args.steps, device),
+        "network, eager": network_ms(cycle(), args.steps, device, graph=False),
+        "network, one CUDA graph": network_ms(cycle(), args.steps, device, graph=True) if gpu else None,
+        "Lightning loop, empty step": lightning_ms(EmptyStep(), batches, args.steps, args.accelerator),
+        "Lightning + network": lightning_ms(BareNetwork(), batches, args.steps, args.accelerator),
+        "Lightning + MNISTClassifier": lightning_ms(MNISTClassifier(), batches, args.steps, args.accelerator),
+    }
+    print(
+        f"device: {device_name(args.accelerator)}; batch {BATCH}; "
+        f"torch {torch.__version__}, lightning {L.__version__}"
+    )
+    print("| part of a step | ms/step |\n|---|---|")
+    for name, ms in rows.items():
+        print(f"| {name} | {'-' if ms is None else f'{ms:.3f}'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The step-cost tool runs end to end on tiny data and prints every part of a step (no timing asserted)."""
+
+import re
+
+import pytest
+
+from mnist_lit.stepcost import main
+
+
+def test_stepcost_prints_a_row_for_each_part_of_a_step(mnist_dir, capsys):
+    main([f"--data-dir={mnist_dir}", "--steps=3", "--val-size=100"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("device: ") and "batch 100" in lines[0]
+    rows = dict(re.fullmatch(r"\| (.+) \| (.+) \|", line).groups() for line in lines[3:])
+    assert list(rows) == [
+        "loader",
+        "network, eager",
+        "network, one CUDA graph",
+        "Lightning loop, empty step",
+        "Lightning + network",
+        "Lightning + MNISTClassifier",
+    ]
+    assert rows.pop("network, one CUDA graph") == "-"  # GPU only
+    assert all(float(ms) > 0 for ms in rows.values()), rows
+
+
+def test_stepcost_without_mnist_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([f"--data-dir={tmp_path}"])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"mnist_lit.stepcost: error: --data-dir {tmp_path} has no MNIST/raw/ folder"
+    )
