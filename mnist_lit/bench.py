@@ -295,25 +295,26 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def run_figures(result: dict) -> dict:
+    """One child run's figures: median warm epoch, ms per warm training step, loop and fit time."""
+    warm = result["epochs"][1:] or result["epochs"]  # epoch 0 pays for warm-up
+    warm_train = result["train"][1:] or result["train"]
+    warm_steps = result["steps"][1:] or result["steps"]
+    return {
+        "epoch_s": statistics.median(warm),
+        "step_ms": 1000 * sum(warm_train) / sum(warm_steps),
+        "fit_s": result["fit_s"],
+        "loop_s": sum(result["epochs"]),
+    }
+
+
 def summarize(name: str, runs: list[dict], plain_runs: list[dict] | None) -> dict:
     """One table row from a variant's runs (one per --repeat round): medians over the rounds.
 
     Ratios to the plain loop are taken round by round (each variant against the plain run of the same
     round, minutes apart) before the median, so that slow drift of the machine cancels out.
     """
-    per_run = []
-    for result in runs:
-        warm = result["epochs"][1:] or result["epochs"]  # epoch 0 pays for warm-up
-        warm_train = result["train"][1:] or result["train"]
-        warm_steps = result["steps"][1:] or result["steps"]
-        per_run.append(
-            {
-                "epoch_s": statistics.median(warm),
-                "step_ms": 1000 * sum(warm_train) / sum(warm_steps),
-                "fit_s": result["fit_s"],
-                "loop_s": sum(result["epochs"]),
-            }
-        )
+    per_run = [run_figures(result) for result in runs]
     row = {
         "variant": name,
         "epochs": len(runs[0]["epochs"]),
@@ -329,7 +330,7 @@ def summarize(name: str, runs: list[dict], plain_runs: list[dict] | None) -> dic
         "per_run": per_run,
     }
     if plain_runs:
-        plain = [summarize(name, [r], None) for r in plain_runs]
+        plain = [run_figures(result) for result in plain_runs]
         for key in ("epoch_s", "fit_s", "step_ms"):
             ratios = [mine[key] / base[key] for mine, base in zip(per_run, plain, strict=True)]
             row[f"{key}_vs_plain"] = statistics.median(ratios)

@@ -20,6 +20,7 @@ only check that it runs.
 """
 
 import argparse
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ class DeviceBatches:
         self.batches, self.steps = batches, steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return (self.batches[i % len(self.batches)] for i in range(self.steps))
+        return itertools.islice(itertools.cycle(self.batches), self.steps)
 
     def __len__(self) -> int:
         return self.steps
@@ -88,16 +89,17 @@ def per_step_ms(step: Callable[[], None], steps: int, device: torch.device, warm
 def loader_ms(dm: MNISTDataModule, steps: int, device: torch.device) -> float:
     loader = dm.train_dataloader()
     loader.pin_memory = device.type == "cuda"  # as it is under a GPU trainer
-    batches = iter(())
+
+    def epochs() -> Iterator[list[torch.Tensor]]:
+        while True:  # a new pass over the loader each epoch, so every batch is really loaded
+            yield from loader
+
+    batches = epochs()
 
     def step() -> None:
-        nonlocal batches
-        batch = next(batches, None)
-        if batch is None:
-            batches = iter(loader)
-            batch = next(batches)
-        dm.normalize(batch[0].to(device, non_blocking=True))
-        batch[1].to(device, non_blocking=True)
+        images, labels = next(batches)
+        dm.normalize(images.to(device, non_blocking=True))
+        labels.to(device, non_blocking=True)
 
     return per_step_ms(step, steps, device)
 
@@ -178,13 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(n)
     ]
 
-    def cycle() -> Iterator:
-        return iter(DeviceBatches(batches, 10**9))
-
+    graph_ms = network_ms(itertools.cycle(batches), args.steps, device, graph=True) if gpu else None
     rows = {
         "loader": loader_ms(dm, args.steps, device),
-        "network, eager": network_ms(cycle(), args.steps, device, graph=False),
-        "network, one CUDA graph": network_ms(cycle(), args.steps, device, graph=True) if gpu else None,
+        "network, eager": network_ms(itertools.cycle(batches), args.steps, device, graph=False),
+        "network, one CUDA graph": graph_ms,
         "Lightning loop, empty step": lightning_ms(EmptyStep(), batches, args.steps, args.accelerator),
         "Lightning + network": lightning_ms(BareNetwork(), batches, args.steps, args.accelerator),
         "Lightning + MNISTClassifier": lightning_ms(MNISTClassifier(), batches, args.steps, args.accelerator),
