@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from tests.conftest import QUICK, subprocess_env, write_mnist
+from tests.helpers import QUICK, subprocess_env, write_mnist
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import subprocess_env
+from tests.helpers import subprocess_env
 
 
 @pytest.mark.slow

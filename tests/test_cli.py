@@ -8,7 +8,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.runs import load_checkpoint
-from tests.conftest import CONFIGS, QUICK, cli, fit_args
+from tests.helpers import CONFIGS, QUICK, cli, fit_args
 
 
 def checkpoints(workdir, version=0):

@@ -7,7 +7,7 @@ import torch
 
 from mnist_lit.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 from mnist_lit.errors import UserError
-from tests.conftest import subprocess_env, synthetic_digits
+from tests.helpers import subprocess_env, synthetic_digits
 
 
 def make(mnist_dir, **kwargs) -> MNISTDataModule:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mnist_lit.runs import load_checkpoint
-from tests.conftest import QUICK, subprocess_env
+from tests.helpers import QUICK, subprocess_env
 
 
 def ddp_fit(folder, data_dir, *flags: str) -> subprocess.CompletedProcess:

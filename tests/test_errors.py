@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from mnist_lit.runs import load_checkpoint
-from tests.conftest import (
+from tests.helpers import (
     QUICK,
     cli,
     fit_args,

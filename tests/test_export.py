@@ -10,7 +10,7 @@ import torch
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import load_checkpoint, newest_run
-from tests.conftest import REAL_DATA, cli, fit_args
+from tests.helpers import REAL_DATA, cli, fit_args
 
 
 @pytest.fixture(scope="module")

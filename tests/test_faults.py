@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mnist_lit.runs import load_checkpoint
-from tests.conftest import QUICK, cli, last_checkpoint_of_fit, subprocess_env
+from tests.helpers import QUICK, cli, last_checkpoint_of_fit, subprocess_env
 
 # 500 training images in batches of 20: 25 steps an epoch, long enough to be interrupted inside one.
 STEPS_PER_EPOCH = 25

@@ -8,7 +8,7 @@ from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit import figures
-from tests.conftest import QUICK, cli, fit_args, subprocess_env
+from tests.helpers import QUICK, cli, fit_args, subprocess_env
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

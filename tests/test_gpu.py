@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, QUICK, cli, fit_args, write_mnist
+from tests.helpers import CONFIGS, QUICK, cli, fit_args, write_mnist
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

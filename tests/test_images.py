@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mnist_lit.images import mnist_style, read_grey
-from tests.conftest import QUICK, cli, idx_bytes
+from tests.helpers import QUICK, cli, idx_bytes
 
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 

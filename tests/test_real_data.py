@@ -3,7 +3,7 @@
 import pytest
 
 from mnist_lit.runs import newest_run
-from tests.conftest import QUICK, REAL_DATA, cli
+from tests.helpers import QUICK, REAL_DATA, cli
 
 pytestmark = pytest.mark.skipif(
     not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(), reason="no ../shared/data"

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import QUICK, cli, fit_args, synthetic_digits
+from tests.helpers import QUICK, cli, fit_args, synthetic_digits
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

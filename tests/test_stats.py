@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import REAL_DATA, cli, synthetic_digits
+from tests.helpers import REAL_DATA, cli, synthetic_digits
 
 
 def test_stats_of_tiny_data_match_numpy(mnist_dir, capsys):
