@@ -4,6 +4,7 @@ Everything a recipe sets lives in ``configs/*.yaml``; this file only adds what L
 know: which checkpoint a bare ``test`` means, and the summaries printed at the end.
 """
 
+import importlib
 import json
 import re
 import sys
@@ -14,17 +15,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mnist_lit.allocator import keep_freed_memory
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import UserError
-from mnist_lit.export import export
 from mnist_lit.faults import GracefulInterrupt, LastCheckpoint, StopOnDivergence, interrupted_message
 from mnist_lit.logger import RunLogger
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TestReport
 from mnist_lit.runs import check_checkpoint_fits, load_checkpoint, newest_run
-from mnist_lit.stats import stats
 from mnist_lit.tracking import EpochTimer, HparamsRow, LearningRateLog, print_fit_summary
 
 EVALUATION_COMMANDS = ("validate", "test", "predict")
@@ -33,8 +31,26 @@ RUN_LOGGER = f"{RunLogger.__module__}.{RunLogger.__name__}"
 SPECIAL_CHECKPOINTS = ("best", "last", "hpc", "registry")
 
 
-class OneLineErrorParser(LightningArgumentParser):
-    """jsonargparse's parser, but a bad flag or config ends in one line, not the whole usage text."""
+class CommandParser(LightningArgumentParser):
+    """jsonargparse's parser that knows which command it parses, refuses abbreviated flags, and ends a
+    bad flag or config in one line instead of the whole usage text.
+
+    Args:
+        command: the subcommand this parser is for (``fit``, ``test``...), or None for the top level.
+    """
+
+    def __init__(self, *args, command: str | None = None, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch 3` must not mean max_epochs
+        super().__init__(*args, **kwargs)
+        self.command = command
+
+    def add_method_arguments(self, *args, **kwargs) -> list[str]:
+        added = super().add_method_arguments(*args, **kwargs)
+        # Lightning's default (None) means full unpickling for URLs and old torch versions: a checkpoint
+        # never runs code here.
+        if "weights_only" in added:
+            self.set_defaults(weights_only=True)
+        return added
 
     def error(self, message: str, ex: Exception | None = None) -> None:
         if not self.exit_on_error:  # jsonargparse parsing internally, and catching its own errors
@@ -46,9 +62,9 @@ class OneLineErrorParser(LightningArgumentParser):
 
 
 class MNISTCLI(LightningCLI):
-    _checkpoint: dict | None = None  # what --ckpt_path holds, loaded once (weights only) and checked
+    checkpoint: dict | None = None  # what --ckpt_path holds, loaded once (weights only) and checked
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def add_arguments_to_parser(self, parser: CommandParser) -> None:
         # --checkpoint.*: the best epoch by val/acc. --last_checkpoint.*: last.ckpt, rewritten every epoch
         # for resuming (Lightning 2.6's save_last only rewrites it when the best one improves).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -65,45 +81,41 @@ class MNISTCLI(LightningCLI):
                 "last_checkpoint.save_on_exception": True,
             }
         )
+        # Callbacks of one command only, so that each command's --help lists what it uses. TensorBoard
+        # extras: lr-Adam every logged step in fit; after test, the confusion matrix, mistakes grid and
+        # per-class accuracy (report.py).
+        if parser.command == "fit":
+            parser.add_lightning_class_args(LearningRateLog, "lr_monitor")
+            parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        elif parser.command == "test":
+            parser.add_lightning_class_args(TestReport, "test_report")
+        elif parser.command == "predict":
+            parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         command = self.config.get("subcommand")
-        if command not in EVALUATION_COMMANDS or self.config[command].ckpt_path is not None:
-            return
-        # A bare `test` means: the best checkpoint of the newest run, with the data and model settings
-        # that run was trained with. They go first, so any flag the user gave still wins.
+        if command in EVALUATION_COMMANDS and self.config[command].ckpt_path is None:
+            self._use_newest_run(parser, command, list(sys.argv[1:] if args is None else args))
+        # Lightning reads the checkpoint's hyperparameters right after parsing, and a bad file would end
+        # in torch's traceback: load it the safe way first, which says what is wrong in one line.
+        path = self._checkpoint_file()
+        self.checkpoint = load_checkpoint(path) if path else None
+
+    def _use_newest_run(self, parser: LightningArgumentParser, command: str, given: list[str]) -> None:
+        """A bare ``test`` means: the best checkpoint of the newest run, with that run's data settings.
+
+        They go before the user's own flags, so that any ``--data.*`` flag given still wins. (The model's
+        settings come from the checkpoint itself: Lightning restores them after parsing.)
+        """
         root = Path(self.config[command].trainer.default_root_dir or ".") / "lightning_logs"
         run = newest_run(root)
         checkpoint, score = run.best_checkpoint()
-        given = list(sys.argv[1:] if args is None else args)
         at = given.index(command) + 1
-        inherited = [f"--{section}={json.dumps(run.settings(section))}" for section in ("data", "model")]
-        with warnings.catch_warnings():  # "args and sys.argv both given": on purpose, args extends argv
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            super().parse_arguments(
-                parser, [*given[:at], *inherited, *given[at:], f"--ckpt_path={checkpoint}"]
-            )
+        inherited = f"--data={json.dumps(run.settings('data'))}"
+        self.config = parser.parse_args([*given[:at], inherited, *given[at:], f"--ckpt_path={checkpoint}"])
         score_text = "" if score is None else f" (val/acc {score:.4f})"
         print(f"{command}: using {checkpoint}{score_text}")
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        # Callbacks of one command only: Lightning calls every callback's hooks at every step, so fit
-        # carries none it does not use. TensorBoard extras: lr-Adam every logged step in fit; after
-        # test, the confusion matrix, mistakes grid and per-class accuracy (report.py).
-        if subcommand == "fit":
-            parser.add_lightning_class_args(LearningRateLog, "lr_monitor")
-            parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        elif subcommand == "test":
-            parser.add_lightning_class_args(TestReport, "test_report")
-        elif subcommand == "predict":
-            parser.add_lightning_class_args(PredictionWriter, "predictions")
-        # --weights_only is added here, after add_arguments_to_parser. Lightning's default (None) means
-        # full unpickling for URLs and old torch versions: never run code from a checkpoint.
-        if "weights_only" in self._subcommand_method_arguments[subcommand]:
-            parser.set_defaults(weights_only=True)
-        return parser
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
@@ -121,16 +133,9 @@ class MNISTCLI(LightningCLI):
             return None
         return Path(path)
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's hyperparameters here, right after parsing, and a bad file
-        # would end in torch's traceback: load it the safe way first, which says what is wrong in a line.
-        path = self._checkpoint_file()
-        self._checkpoint = load_checkpoint(path) if path else None
-        super()._parse_ckpt_path()
-
     def _check_checkpoint(self) -> None:
-        if self._checkpoint is not None:
-            check_checkpoint_fits(self._checkpoint, self._checkpoint_file(), self.model)
+        if self.checkpoint is not None:
+            check_checkpoint_fits(self.checkpoint, self._checkpoint_file(), self.model)
 
     before_fit = before_validate = before_test = before_predict = _check_checkpoint
 
@@ -156,8 +161,12 @@ class MNISTCLI(LightningCLI):
 
 
 # `export` and `stats` are not Trainer methods, so LightningCLI cannot host them: each gets a parser of
-# its own, built from its signature and docstring, with the same --help and one-line errors.
-TOOLS = {"export": (export, None), "stats": (stats, "data")}  # command -> (function, flag prefix)
+# its own, built from its signature and docstring, with the same --help and one-line errors. Each is
+# imported only when it runs, so no other command waits for what it needs (onnx, ...).
+TOOLS = {  # command -> (module, function, flag prefix)
+    "export": ("mnist_lit.export", "export", None),
+    "stats": ("mnist_lit.stats", "stats", "data"),
+}
 TOOLS_HELP = (
     "Train and evaluate the MNIST CNN (fit, validate, test, predict). Also: `export` (the trained model as "
     "ONNX or TorchScript) and `stats` (the training set's pixel mean and std); add --help to any of them."
@@ -166,9 +175,10 @@ TOOLS_HELP = (
 
 def run_tool(argv: list[str]) -> None:
     """``python -m mnist_lit export|stats ARGS``."""
-    function, prefix = TOOLS[argv[0]]
+    module, name, prefix = TOOLS[argv[0]]
+    function = getattr(importlib.import_module(module), name)
     summary = function.__doc__.split("\n\n")[0]  # the rest is Args, which --help shows per flag
-    parser = OneLineErrorParser(prog=f"python -m mnist_lit {argv[0]}", description=summary)
+    parser = CommandParser(prog=f"python -m mnist_lit {argv[0]}", description=summary)
     parser.add_function_arguments(function, prefix)
     config = parser.parse_args(argv[1:])
     function(**(config[prefix] if prefix else config).as_dict())
@@ -184,7 +194,6 @@ QUIET = (
 
 
 def main(args: ArgsType = None) -> None:
-    keep_freed_memory()  # before training allocates anything: faster CPU steps (allocator.py)
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
     argv = sys.argv[1:] if args is None else args
@@ -208,8 +217,11 @@ def main(args: ArgsType = None) -> None:
             },
             save_config_kwargs={"overwrite": False},
             args=args,
-            parser_class=OneLineErrorParser,
-            parser_kwargs={"description": TOOLS_HELP},
+            parser_class=CommandParser,
+            parser_kwargs={
+                "description": TOOLS_HELP,
+                **{command: {"command": command} for command in LightningCLI.subcommands()},
+            },
         )
     except UserError as err:
         sys.exit(f"mnist_lit: error: {err}")

@@ -6,14 +6,17 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from mnist_lit.runs import run_folders
+
 
 class RunLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger, but a run claims its ``version_N`` folder atomically.
 
     Lightning picks ``max(existing N) + 1``: two runs started together in one folder both pick the
     same N and write their logs, checkpoints and config into it. Here the number is claimed with
-    ``os.mkdir``, which exactly one process can win; the loser tries the next number. Only global rank
-    0 claims: under DDP the other ranks are told the folder by Lightning and must not make their own.
+    ``os.mkdir``, which exactly one process can win; the loser tries the next number. The claim is made
+    when the run first needs its folder, not before. Only global rank 0 claims: under DDP the other
+    ranks write nothing of their own there (Lightning hands them rank 0's checkpoint folder).
 
     Args:
         save_dir: folder that holds ``<name>/version_N/``.
@@ -36,16 +39,25 @@ class RunLogger(TensorBoardLogger):
         local = "://" not in str(save_dir)
         save_dir = os.path.abspath(save_dir) if local else save_dir
         super().__init__(save_dir, name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
+        self.claimed: int | str | None = version
 
-    def _get_next_version(self) -> int:
-        version = super()._get_next_version()
-        if rank_zero_only.rank != 0 or "://" in str(self.root_dir):  # remote folders: Lightning's own rule
+    @property
+    def version(self) -> int | str:
+        if self.claimed is None:
+            if rank_zero_only.rank != 0 or "://" in str(self.root_dir):  # remote folders: Lightning's rule
+                return super().version
+            self.claimed = claim_next_version(Path(self.root_dir))
+        return self.claimed
+
+
+def claim_next_version(root: Path) -> int:
+    """Create ``root/version_N`` for the lowest N above every existing one that no other process took."""
+    root.mkdir(parents=True, exist_ok=True)
+    folders = run_folders(root)
+    version = int(folders[0].name.split("_")[1]) + 1 if folders else 0
+    while True:
+        try:
+            os.mkdir(root / f"version_{version}")
             return version
-        root = Path(self.root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                os.mkdir(root / f"version_{version}")
-                return version
-            except FileExistsError:  # another run got there first
-                version += 1
+        except FileExistsError:  # another run got there first
+            version += 1

@@ -31,11 +31,25 @@ class Run:
         """This run's checkpoints, oldest first."""
         return sorted((self.log_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
 
-    def settings(self, section: str) -> dict:
-        """One section (``data``, ``model``) of the config this run was trained with."""
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> "Run":
+        """The run that wrote ``checkpoint`` (``<run>/checkpoints/<file>``)."""
+        return cls(checkpoint.parent.parent)
+
+    def config(self) -> dict:
+        """The config this run was trained with (LightningCLI's ``config.yaml``); empty if there is none."""
         if not self.config_file.is_file():
             return {}
-        return (yaml.safe_load(self.config_file.read_text()) or {}).get(section) or {}
+        return yaml.safe_load(self.config_file.read_text()) or {}
+
+    def settings(self, section: str) -> dict:
+        """One section (``data``, ``model``) of the config this run was trained with."""
+        return self.config().get(section) or {}
+
+    def seed(self) -> int | None:
+        """The ``seed_everything`` this run was trained with, if it is known."""
+        seed = self.config().get("seed_everything")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     def best_checkpoint(self) -> tuple[Path, float | None]:
         """The checkpoint ModelCheckpoint recorded as best, and its monitored score.

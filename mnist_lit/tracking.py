@@ -3,19 +3,19 @@
 The CLI adds these callbacks to every command (``--hparams_row.*``, ``--lr_monitor.*``, ...).
 """
 
+import math
 import os
 import time
 from pathlib import Path
 
 import lightning as L
-import yaml
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard.summary import hparams
 
-from mnist_lit.runs import load_checkpoint
+from mnist_lit.runs import Run
 
 # The HPARAMS tab's metric columns. TensorBoard fills each from the run's own scalar of that tag (a fit
 # run has val/acc_best, a test run test/acc and its checkpoint's val/acc_best), so no placeholder value
@@ -25,55 +25,52 @@ EPOCH_TIME_TAG = "time/epoch_s"
 
 
 class HparamsRow(Callback):
-    """Gives each ``fit`` and ``test`` run a row in TensorBoard's HPARAMS tab.
+    """Gives each run a row in TensorBoard's HPARAMS tab: its command, model and data settings and seed.
 
-    A fit run's row holds its model and data settings and seed. A test run's row holds those of the
-    checkpoint it tested (read from the checkpoint, so ``--ckpt_path`` to any run is described right),
-    the checkpoint's path, and the checkpoint's ``val/acc_best`` next to the ``test/acc`` it measured.
+    An evaluation run (``validate``, ``test``, ``predict``) of a checkpoint is described by that
+    checkpoint's settings (Lightning restores the model's from it) and path, and shows the checkpoint's
+    ``val/acc_best`` next to what it measured.
     """
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        params = {**pl_module.hparams_initial}
+        self._write(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # not the validation epochs inside fit
+            self._write(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "predict")
+
+    @staticmethod
+    def _write(trainer: L.Trainer, pl_module: L.LightningModule, command: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        params = {"command": command, **pl_module.hparams_initial}
         if trainer.datamodule is not None:
             params.update(trainer.datamodule.hparams_initial)
         if "PL_GLOBAL_SEED" in os.environ:  # set by seed_everything, which the CLI always calls
             params["seed"] = int(os.environ["PL_GLOBAL_SEED"])
-        self._write(trainer, params, "fit")
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.ckpt_path:  # testing the weights in memory: they have no other record
-            self.on_fit_start(trainer, pl_module)
-            return
-        checkpoint = load_checkpoint(Path(trainer.ckpt_path))
-        params = {
-            **checkpoint.get("hyper_parameters", {}),
-            **checkpoint.get("datamodule_hyper_parameters", {}),
-            "ckpt_path": str(trainer.ckpt_path),
-        }
-        config = Path(trainer.ckpt_path).parent.parent / "config.yaml"  # the run that wrote the checkpoint
-        if config.is_file():
-            seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
-            if isinstance(seed, int):
-                params["seed"] = seed
-        self._write(trainer, params, "test")
-        best = checkpoint["state_dict"].get("val_acc_best.max_value")
-        if best is not None:
-            for logger in trainer.loggers:
-                logger.log_metrics({"val/acc_best": float(best)}, step=trainer.global_step)
-
-    @staticmethod
-    def _write(trainer: L.Trainer, params: dict, command: str) -> None:
-        if not trainer.is_global_zero:
-            return
-        params = {"command": command, **{k: _hparam_value(v) for k, v in params.items() if k[0] != "_"}}
+        if command != "fit" and trainer.ckpt_path:
+            params["ckpt_path"] = str(trainer.ckpt_path)
+            seed = Run.of_checkpoint(Path(trainer.ckpt_path)).seed()  # the seed it was trained with
+            params.pop("seed", None) if seed is None else params.update(seed=seed)
+        params = {k: _hparam_value(v) for k, v in params.items() if k[0] != "_"}
         summaries = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))
+        # The checkpoint's best val/acc, restored with its weights (a fit run logs its own as it goes).
+        best = getattr(pl_module, "val_acc_best", None)
+        best_value = float(best.max_value) if command != "fit" and best is not None else None
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 # Lightning's own log_hyperparams would also log the metrics as scalars at this step;
                 # writing only the plugin's summaries leaves the metric curves untouched.
-                writer = logger.experiment._get_file_writer()
                 for summary in summaries:
-                    writer.add_summary(summary)
+                    logger.experiment.file_writer.add_summary(summary)
+            if best_value is not None and math.isfinite(best_value):
+                logger.log_metrics({"val/acc_best": best_value}, step=trainer.global_step)
 
 
 def _hparam_value(value: object) -> bool | int | float | str:

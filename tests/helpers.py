@@ -2,6 +2,7 @@
 
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,10 @@ def write_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
 
 
 def cli(*args: str) -> None:
-    """`python -m mnist_lit ARGS`, in-process."""
-    main(list(args))
+    """`python -m mnist_lit ARGS`, in-process: the flags arrive as a user's would, on the command line."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["mnist_lit", *args])
+        main()
 
 
 def last_checkpoint_of_fit(folder: Path, *args: str) -> dict:

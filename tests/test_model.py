@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_lit.bench import NotebookNet
+from benchmarks.bench import NotebookNet
 from mnist_lit.model import ConvNet, MNISTClassifier
 
 DEVICES = [

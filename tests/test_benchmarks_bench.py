@@ -12,7 +12,8 @@ from tests.helpers import subprocess_env
 @pytest.mark.slow
 def test_bench_runs_every_variant_and_prints_the_table(tmp_path, mnist_dir):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "mnist_lit.bench", f"--data-dir={mnist_dir}", "--epochs=1", "--val-size=100"]
+    cmd = [sys.executable, "-m", "benchmarks.bench", f"--data-dir={mnist_dir}", "--epochs=1"]
+    cmd.append("--val-size=100")
     proc = subprocess.run(
         [*cmd, "--variants", "plain,plain-fast,seed,fast", "--repeat", "2", "--output", str(out)],
         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600,
@@ -36,10 +37,10 @@ def test_bench_runs_every_variant_and_prints_the_table(tmp_path, mnist_dir):
 
 def test_bench_without_mnist_is_one_clear_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mnist_lit.bench", f"--data-dir={tmp_path}"],
+        [sys.executable, "-m", "benchmarks.bench", f"--data-dir={tmp_path}"],
         env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"mnist_lit.bench: error: --data-dir {tmp_path} has no MNIST/raw/ folder"
+        f"benchmarks.bench: error: --data-dir {tmp_path} has no MNIST/raw/ folder"
     ]

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from mnist_lit.stepcost import main
+from benchmarks.stepcost import main
 
 
 def test_stepcost_prints_a_row_for_each_part_of_a_step(mnist_dir, capsys):
@@ -30,5 +30,5 @@ def test_stepcost_without_mnist_is_one_clear_line(tmp_path, capsys):
     assert exit_.value.code == 2
     assert (
         capsys.readouterr().err.strip()
-        == f"mnist_lit.stepcost: error: --data-dir {tmp_path} has no MNIST/raw/ folder"
+        == f"benchmarks.stepcost: error: --data-dir {tmp_path} has no MNIST/raw/ folder"
     )

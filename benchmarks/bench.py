@@ -1,6 +1,6 @@
 """Benchmark: the seed notebook's plain PyTorch loop against mnist_lit's recipes, back to back.
 
-    python -m mnist_lit.bench --data-dir ../shared/data [--epochs 10] [--accelerator cpu|gpu]
+    python -m benchmarks.bench --data-dir ../shared/data [--epochs 10] [--accelerator cpu|gpu]
 
 Each variant runs in a fresh child process (so peak memory is its own), one after another on the
 same machine, and reports per-epoch times; the table compares them as ratios to the plain loop:
@@ -56,7 +56,7 @@ DEFAULT_VARIANTS = ("plain", "plain-fast", "seed", "fast")
 class EpochClock(L.Callback):
     """Wall time of each training epoch, and of its training batches alone (before validation).
 
-    Added with ``--trainer.callbacks+=mnist_lit.bench.EpochClock``; the CLI builds it, so the newest
+    Added with ``--trainer.callbacks+=benchmarks.bench.EpochClock``; the CLI builds it, so the newest
     one is kept on the class for the benchmark to read.
     """
 
@@ -185,7 +185,7 @@ def run_plain_fast(data_dir: str, epochs: int, accelerator: str, seed: int, val_
     from mnist_lit.data import MNISTDataModule
     from mnist_lit.model import MNISTClassifier
 
-    keep_freed_memory()  # as the CLI does: the yardstick runs on the same allocator settings
+    keep_freed_memory()  # as `python -m mnist_lit` does: the yardstick runs on the same allocator settings
     torch.manual_seed(seed)
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     device = _device(accelerator)
@@ -224,7 +224,10 @@ def run_recipe(
     val_size: int,
 ) -> dict:
     """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder."""
+    from mnist_lit.allocator import keep_freed_memory
     from mnist_lit.cli import main
+
+    keep_freed_memory()  # as `python -m mnist_lit` does
 
     quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     flags = [
@@ -239,13 +242,13 @@ def run_recipe(
     with tempfile.TemporaryDirectory() as scratch:
         os.chdir(scratch)
         start = time.perf_counter()
-        clock = "--trainer.callbacks+=mnist_lit.bench.EpochClock"
+        clock = "--trainer.callbacks+=benchmarks.bench.EpochClock"
         main(["fit", f"--config={CONFIGS / config}", *flags, f"--seed_everything={seed}", *quiet, clock])
         fit_s = time.perf_counter() - start
         main(["test", *quiet])
         test_acc = _last_test_acc(Path(scratch) / "lightning_logs")
     # The CLI built the clock from the importable module, which under `python -m` is not `__main__`.
-    from mnist_lit.bench import EpochClock as ImportedClock
+    from benchmarks.bench import EpochClock as ImportedClock
 
     clock = ImportedClock.latest
     return {
@@ -367,7 +370,7 @@ def table(rows: list[dict], device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnist_lit.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/")
     parser.add_argument(
         "--epochs", type=int, help="override every variant's epochs (default: each recipe's own)"
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.data_dir = str(Path(args.data_dir).resolve())  # the recipes run in scratch folders
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
-        parser.exit(2, f"mnist_lit.bench: error: --data-dir {args.data_dir} has no MNIST/raw/ folder\n")
+        parser.exit(2, f"benchmarks.bench: error: --data-dir {args.data_dir} has no MNIST/raw/ folder\n")
 
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
@@ -403,12 +406,13 @@ def main(argv: list[str] | None = None) -> None:
         for variant in variants:
             print(f"round {round_ + 1}: running {variant} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(
-                [sys.executable, "-m", "mnist_lit.bench", *child_flags, "--child", variant],
+                [sys.executable, "-m", "benchmarks.bench", *child_flags, "--child", variant],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
-                parser.exit(1, f"mnist_lit.bench: error: variant {variant} failed (exit {proc.returncode})\n")
+                failed = f"variant {variant} failed (exit {proc.returncode})"
+                parser.exit(1, f"benchmarks.bench: error: {failed}\n")
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     rows = [summarize(variant, runs[variant], runs.get("plain")) for variant in variants]
     report = table(rows, device_name(args.accelerator))

@@ -1,8 +1,8 @@
 """Where a seed-recipe training step's time goes: each part of it timed alone, in ms per step.
 
-    python -m mnist_lit.stepcost --data-dir ../shared/data [--accelerator gpu] [--steps 300]
+    python -m benchmarks.stepcost --data-dir ../shared/data [--accelerator gpu] [--steps 300]
 
-``mnist_lit.bench`` times whole runs; this splits one step of batch 100 into what it is made of:
+``benchmarks.bench`` times whole runs; this splits one step of batch 100 into what it is made of:
 
 - ``loader``: mnist_lit's training loader alone (sampler, one gather, the copy to the device from
   pinned memory on a GPU) and the normalization;
@@ -29,8 +29,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench import EpochClock, device_name, synchronize
 from mnist_lit.allocator import keep_freed_memory
-from mnist_lit.bench import EpochClock, device_name, synchronize
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MNISTClassifier
 
@@ -155,17 +155,17 @@ def lightning_ms(module: L.LightningModule, batches: list, steps: int, accelerat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnist_lit.stepcost", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stepcost", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--steps", type=int, default=300, help="timed steps per row (after a warm-up)")
     parser.add_argument("--val-size", type=int, default=5000, help="held out, as in the recipes")
     args = parser.parse_args(argv)
     if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
-        parser.exit(2, f"mnist_lit.stepcost: error: --data-dir {args.data_dir} has no MNIST/raw/ folder\n")
+        parser.exit(2, f"benchmarks.stepcost: error: --data-dir {args.data_dir} has no MNIST/raw/ folder\n")
     gpu = args.accelerator == "gpu"
     if gpu and not torch.cuda.is_available():
-        parser.exit(2, "mnist_lit.stepcost: error: --accelerator gpu, but torch sees no CUDA GPU\n")
+        parser.exit(2, "benchmarks.stepcost: error: --accelerator gpu, but torch sees no CUDA GPU\n")
     keep_freed_memory()  # as the CLI does
     device = torch.device("cuda" if gpu else "cpu")
     dm = MNISTDataModule(data_dir=args.data_dir, val_size=args.val_size, download=False)

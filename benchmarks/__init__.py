@@ -1,0 +1,1 @@
+"""Benchmarks and profilers, beside the product: ``python -m benchmarks.bench``, ``benchmarks.stepcost``."""
