@@ -17,12 +17,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import UserError
-from mnist_lit.faults import GracefulInterrupt, LastCheckpoint, StopOnDivergence, interrupted_message
+from mnist_lit.faults import (
+    DiscardFailedRun,
+    GracefulInterrupt,
+    LastCheckpoint,
+    StopOnDivergence,
+    interrupted_message,
+)
 from mnist_lit.logger import RunLogger
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TestReport
-from mnist_lit.runs import check_checkpoint_fits, load_checkpoint, newest_run
+from mnist_lit.runs import Run, check_checkpoint_fits, load_checkpoint, newest_run
 from mnist_lit.tracking import EpochTimer, HparamsRow, LearningRateLog, print_fit_summary
 
 EVALUATION_COMMANDS = ("validate", "test", "predict")
@@ -118,12 +124,23 @@ class MNISTCLI(LightningCLI):
         print(f"{command}: using {checkpoint}{score_text}")
 
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        command = self.subcommand
+        trainer = self.config[command].trainer if command else self.config.trainer
         logger = trainer.logger
+        if getattr(logger, "class_path", None) != RUN_LOGGER:
+            return
+        settings = logger.init_args
         # RunLogger's save_dir "." stands for the trainer's root dir, as for Lightning's own default logger.
-        ours = getattr(logger, "class_path", None) == RUN_LOGGER
-        if trainer.default_root_dir and ours and logger.init_args.save_dir == ".":
-            logger.init_args.save_dir = trainer.default_root_dir
+        if trainer.default_root_dir and settings.save_dir == ".":
+            settings.save_dir = trainer.default_root_dir
+        # An evaluation logs inside the run whose checkpoint it evaluates (version_N/test_M), so that
+        # the training runs stay the only version_N folders and TensorBoard shows each under its run.
+        checkpoint = self._checkpoint_file()
+        run = Run.of_checkpoint(checkpoint) if command in EVALUATION_COMMANDS and checkpoint else None
+        if command in EVALUATION_COMMANDS:
+            settings.folder_prefix = command
+            if run is not None and settings.name == "lightning_logs" and settings.version is None:
+                settings.save_dir, settings.name = str(run.log_dir), ""
 
     def _checkpoint_file(self) -> Path | None:
         """The local file --ckpt_path names, if it names one (not "last", "best", a URL...)."""
@@ -213,6 +230,7 @@ def main(args: ArgsType = None) -> None:
                     GracefulInterrupt(),
                     HparamsRow(),
                     EpochTimer(),
+                    DiscardFailedRun(),
                 ],
             },
             save_config_kwargs={"overwrite": False},

@@ -7,6 +7,7 @@ and normalizes each batch where it will be used (the GPU, when there is one).
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,7 @@ from torchvision.datasets import MNIST
 from torchvision.transforms.v2 import functional as TF
 
 from mnist_lit.data_checks import digits_problem, idx_files, idx_problem
-from mnist_lit.errors import UserError
+from mnist_lit.errors import UserError, first_line
 from mnist_lit.images import load_digits
 
 # Mean and std of the 60k training pixels scaled to [0, 1] (the seed notebook's cell 4; `mnist_lit stats`).
@@ -101,8 +102,6 @@ class MNISTDataModule(L.LightningDataModule):
         self.test_set: DigitTensors | None = None
         self.predict_set: DigitTensors | None = None
         self.predict_files: list[Path] = []  # the files behind predict_set's images, in order
-        # Splits that prepare_data already parsed, handed on to setup in the same process (see there).
-        self._parsed: dict[bool, MNIST] = {}
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std per device
 
     @property
@@ -110,15 +109,23 @@ class MNISTDataModule(L.LightningDataModule):
         return Path(self.hparams.data_dir) / "MNIST" / "raw"
 
     def prepare_data(self) -> None:
-        """Runs on one process per node before ``setup``: download what is missing.
+        """Runs on one process per node before ``setup``: download the files that are missing.
 
-        torchvision parses (and we check) the files as it finds them; that process keeps the result for
-        its own ``setup``, so the files are read once. The other DDP ranks parse in ``setup``.
+        Nothing is kept here for ``setup``, which runs on every process: Lightning's rule for this hook.
+        A failed download leaves no folder behind that it made.
         """
-        if self._predicting_files():  # the user's images need no MNIST
-            return
-        for train in (True, False):
-            self._parsed[train] = self._mnist(train, download=self.hparams.download)
+        files = [file for train in (True, False) for file in idx_files(self.raw_folder, train)]
+        if self._predicting_files() or all(f.is_file() for f in files) or not self.hparams.download:
+            return  # the user's images need no MNIST; missing files without download: setup says so
+        made = next((p for p in reversed(self.raw_folder.parents) if not p.exists()), None)
+        made = made or (None if self.raw_folder.exists() else self.raw_folder)
+        try:
+            for train in (True, False):
+                self._mnist(train, download=True)
+        except BaseException:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
 
     def setup(self, stage: str) -> None:
         """Runs on every process: parse the IDX files into tensors and split train/val."""
@@ -209,9 +216,7 @@ class MNISTDataModule(L.LightningDataModule):
         return self._tensors(train=True)[0]
 
     def _tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        mnist = self._parsed.pop(train, None)
-        if mnist is None:
-            mnist = self._mnist(train, download=False)
+        mnist = self._mnist(train, download=False)
         return mnist.data.unsqueeze(1), mnist.targets
 
     def _mnist(self, train: bool, download: bool) -> MNIST:
@@ -226,7 +231,7 @@ class MNISTDataModule(L.LightningDataModule):
             raise UserError(
                 f"MNIST not found in {self.raw_folder}/ and {how}: put {files} there, "
                 f"or point --data.data_dir at a folder that has MNIST/raw/ ({err.__class__.__name__}: "
-                f"{str(err).splitlines()[0]})"
+                f"{first_line(err)})"
             ) from err
         problem = digits_problem(images_file, labels_file, mnist.data, mnist.targets)
         if problem:
@@ -241,8 +246,7 @@ class MNISTDataModule(L.LightningDataModule):
             problem = idx_problem(path, ndim)
             if problem:
                 return UserError(f"{path} {problem}; {fix}")
-        first_line = (str(err).splitlines() or [""])[0]
         return UserError(
             f"torchvision could not read {images_file} or {labels_file} "
-            f"({err.__class__.__name__}: {first_line})"
+            f"({err.__class__.__name__}: {first_line(err)})"
         )

@@ -7,6 +7,8 @@ instead of raising ``KeyboardInterrupt`` wherever Python happens to be, e.g. bet
 and its optimizer step.
 """
 
+import contextlib
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -112,6 +114,31 @@ class GracefulInterrupt(Callback):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+class DiscardFailedRun(Callback):
+    """A command that fails leaves no run folder behind, unless the folder holds what the user needs.
+
+    Kept: a ``fit`` stopped by a signal (its ``last.ckpt`` is being written) or one that trained at
+    least a step (its checkpoints and curves show what happened). Removed: the folder of a run that
+    failed before any training step, and of a failed evaluation, which have nothing to show.
+    """
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        fitting = trainer.state.fn == "fit"
+        if not trainer.is_global_zero or (fitting and isinstance(exception, SIGTERMException)):
+            return
+        if fitting and trainer.global_step > 0:
+            return
+        for logger in trainer.loggers:
+            folder = Path(logger.log_dir) if logger.log_dir else None
+            if folder is None or not folder.is_dir() or any(folder.rglob("*.ckpt")):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the log root too, if this run was all it held
+                folder.parent.rmdir()
 
 
 def interrupted_message(trainer: L.Trainer) -> str:

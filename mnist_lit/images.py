@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from mnist_lit.errors import UserError
+from mnist_lit.errors import UserError, first_line
 
 # What a folder given to --data.predict_path is searched for (a single file is tried whatever its name).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -92,8 +92,7 @@ def load_digits(path: Path) -> tuple[torch.Tensor, list[Path]]:
             images.append(mnist_style(read_grey(file)))
             readable.append(file)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
-            print(f"mnist_lit: skipped {file}: {reason}", file=sys.stderr)
+            print(f"mnist_lit: skipped {file}: {first_line(err)}", file=sys.stderr)
     if not images:
         raise UserError(
             f"none of the {len(files)} file(s) at --data.predict_path {path} could be read as a digit image"

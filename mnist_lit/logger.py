@@ -10,7 +10,7 @@ from mnist_lit.runs import run_folders
 
 
 class RunLogger(TensorBoardLogger):
-    """Lightning's TensorBoardLogger, but a run claims its ``version_N`` folder atomically.
+    """Lightning's TensorBoardLogger, but a run claims its ``<folder_prefix>_N`` folder atomically.
 
     Lightning picks ``max(existing N) + 1``: two runs started together in one folder both pick the
     same N and write their logs, checkpoints and config into it. Here the number is claimed with
@@ -23,6 +23,8 @@ class RunLogger(TensorBoardLogger):
         name: experiment folder under ``save_dir``.
         version: a fixed version (number or folder name) instead of the next free one.
         default_hp_metric: log a placeholder ``hp_metric``; off, since ``val/acc`` says it better.
+        folder_prefix: run folders are ``<folder_prefix>_N``: ``version`` for training runs, the
+            command's name for an evaluation run (the CLI files those under the run they evaluate).
         kwargs: passed on to TensorBoardLogger (and from there to ``SummaryWriter``).
     """
 
@@ -32,6 +34,7 @@ class RunLogger(TensorBoardLogger):
         name: str = "lightning_logs",
         version: int | str | None = None,
         default_hp_metric: bool = False,
+        folder_prefix: str = "version",
         **kwargs,
     ) -> None:
         # Absolute, as with Lightning's default logger (whose save_dir is the trainer's default os.getcwd()),
@@ -40,24 +43,26 @@ class RunLogger(TensorBoardLogger):
         save_dir = os.path.abspath(save_dir) if local else save_dir
         super().__init__(save_dir, name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
         self.claimed: int | str | None = version
+        self.folder_prefix = folder_prefix
 
     @property
     def version(self) -> int | str:
         if self.claimed is None:
             if rank_zero_only.rank != 0 or "://" in str(self.root_dir):  # remote folders: Lightning's rule
                 return super().version
-            self.claimed = claim_next_version(Path(self.root_dir))
+            number = claim_next_folder(Path(self.root_dir), self.folder_prefix)
+            self.claimed = number if self.folder_prefix == "version" else f"{self.folder_prefix}_{number}"
         return self.claimed
 
 
-def claim_next_version(root: Path) -> int:
-    """Create ``root/version_N`` for the lowest N above every existing one that no other process took."""
+def claim_next_folder(root: Path, prefix: str = "version") -> int:
+    """Create ``root/<prefix>_N`` for the lowest N above every existing one that no other process took."""
     root.mkdir(parents=True, exist_ok=True)
-    folders = run_folders(root)
-    version = int(folders[0].name.split("_")[1]) + 1 if folders else 0
+    folders = run_folders(root, prefix)
+    number = int(folders[0].name.rsplit("_", 1)[1]) + 1 if folders else 0
     while True:
         try:
-            os.mkdir(root / f"version_{version}")
-            return version
+            os.mkdir(root / f"{prefix}_{number}")
+            return number
         except FileExistsError:  # another run got there first
-            version += 1
+            number += 1

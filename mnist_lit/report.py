@@ -3,14 +3,18 @@
 All of it is computed from the logits that ``test_step`` returns, so training never pays for it.
 """
 
+from typing import TYPE_CHECKING
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist_lit.model import NUM_CLASSES
+
+if TYPE_CHECKING:  # matplotlib is imported when a report is drawn, not by every command
+    from matplotlib.figure import Figure
 
 CONFUSION_MATRIX_TAG = "test/confusion_matrix"
 MISTAKES_TAG = "test/mistakes"
@@ -71,7 +75,9 @@ class TestReport(Callback):
                 # Figure objects, not pyplot: nothing global to close, no display backend needed.
                 logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
 
-    def mistakes_figure(self) -> Figure:
+    def mistakes_figure(self) -> "Figure":
+        from matplotlib.figure import Figure
+
         images, labels, predicted = self.worst
         columns = 8
         rows = max(1, -(-len(labels) // columns))
@@ -81,7 +87,7 @@ class TestReport(Callback):
             ax.axis("off")
             if i < len(labels):
                 # imshow scales each image to its own range, so the normalized pixels need no undoing.
-                ax.imshow(images[i, 0], cmap="gray")
+                ax.imshow(images[i, 0].numpy(), cmap="gray")
                 ax.set_title(f"{labels[i]}→{predicted[i]} {self.worst_prob[i]:.0%}", fontsize=9)
         title = f"{len(labels)} most confident mistakes: true→predicted, probability of the prediction"
         figure.suptitle(title if len(labels) else "no misclassified test digits", fontsize=10)
@@ -89,8 +95,10 @@ class TestReport(Callback):
         return figure
 
 
-def confusion_figure(confusion: torch.Tensor) -> Figure:
+def confusion_figure(confusion: torch.Tensor) -> "Figure":
     """A (10, 10) matrix of counts, rows = true digit, columns = predicted digit, as an annotated heat map."""
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(9, 8))
     ax = figure.subplots()
     # torchmetrics' own plot draws the counts into the cells and labels the axes.

@@ -2,9 +2,10 @@
 
 A run is a ``<log root>/version_N/`` folder that ``fit`` wrote: its ``config.yaml`` (saved by
 LightningCLI) and ``checkpoints/`` (written by ModelCheckpoint). The newest run is the one with the
-highest N that holds a checkpoint (``test``/``predict`` runs log to folders of their own, without
-checkpoints, so they never shadow the run they evaluated). Its best checkpoint is the one that
-ModelCheckpoint itself recorded as best.
+highest N that holds a checkpoint. An evaluation of a run's checkpoint (``validate``, ``test``,
+``predict``) logs inside that run, as ``version_N/test_M/``, so it never shadows the run it evaluated
+and TensorBoard shows it under it. Its best checkpoint is the one that ModelCheckpoint itself recorded
+as best.
 """
 
 import pickle
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mnist_lit.errors import UserError
+from mnist_lit.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,10 @@ class Run:
         return sorted((self.log_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: Path) -> "Run":
-        """The run that wrote ``checkpoint`` (``<run>/checkpoints/<file>``)."""
-        return cls(checkpoint.parent.parent)
+    def of_checkpoint(cls, checkpoint: Path) -> "Run | None":
+        """The run that wrote ``checkpoint`` (``<run>/checkpoints/<file>``), if it was a run's."""
+        folder = Path(checkpoint).parent
+        return cls(folder.parent) if folder.name == "checkpoints" else None
 
     def config(self) -> dict:
         """The config this run was trained with (LightningCLI's ``config.yaml``); empty if there is none."""
@@ -69,10 +71,10 @@ class Run:
         return newest, None
 
 
-def run_folders(log_root: Path) -> list[Path]:
-    """The ``version_N`` folders under ``log_root``, newest (highest N) first."""
-    folders = [d for d in log_root.glob("version_*") if re.fullmatch(r"version_\d+", d.name)]
-    return sorted(folders, key=lambda d: int(d.name.split("_")[1]), reverse=True)
+def run_folders(log_root: Path, prefix: str = "version") -> list[Path]:
+    """The ``<prefix>_N`` folders under ``log_root`` (training runs: ``version_N``), highest N first."""
+    folders = [d for d in log_root.glob(f"{prefix}_*") if re.fullmatch(rf"{re.escape(prefix)}_\d+", d.name)]
+    return sorted(folders, key=lambda d: int(d.name.rsplit("_", 1)[1]), reverse=True)
 
 
 def newest_run(log_root: Path) -> Run:
@@ -108,10 +110,10 @@ def load_checkpoint(path: Path) -> dict:
         ) from err
     except Exception as err:  # garbage makes the (code-free) unpickler fail in any number of ways
         # torch's own words for these run to a paragraph about zip archives; the first clause says enough.
-        detail = (str(err).splitlines() or [""])[0].split(". ")[0]
+        detail = first_line(err).split(". ")[0]
         raise UserError(
             f"{path} is not a readable checkpoint: it is truncated or not a checkpoint at all "
-            f"({err.__class__.__name__}{': ' + detail if detail else ''})"
+            f"({err.__class__.__name__}{': ' + detail if detail != err.__class__.__name__ else ''})"
         ) from err
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise UserError(f"{path} is not a Lightning checkpoint: it has no state_dict")

@@ -56,7 +56,8 @@ class HparamsRow(Callback):
             params["seed"] = int(os.environ["PL_GLOBAL_SEED"])
         if command != "fit" and trainer.ckpt_path:
             params["ckpt_path"] = str(trainer.ckpt_path)
-            seed = Run.of_checkpoint(Path(trainer.ckpt_path)).seed()  # the seed it was trained with
+            run = Run.of_checkpoint(Path(trainer.ckpt_path))
+            seed = run.seed() if run else None  # the seed it was trained with
             params.pop("seed", None) if seed is None else params.update(seed=seed)
         params = {k: _hparam_value(v) for k, v in params.items() if k[0] != "_"}
         summaries = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))

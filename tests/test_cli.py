@@ -36,7 +36,7 @@ def test_fit_then_bare_test_uses_the_runs_best_checkpoint_and_data(workdir, mnis
     out = capsys.readouterr().out
     assert f"test: using lightning_logs/version_0/checkpoints/{best} (val/acc" in out
     assert "test/acc " in out and "test/loss " in out
-    test_log = workdir / "lightning_logs" / "version_1"
+    test_log = workdir / "lightning_logs" / "version_0" / "test_0"  # filed under the run it tested
     assert not (test_log / "checkpoints").exists()  # a test run never becomes "the newest run"
     logged = scalars(test_log)
     assert 0.0 <= logged["test/acc"][0] <= 1.0 and logged["test/loss"][0] > 0

@@ -55,8 +55,9 @@ def test_normalization_constants_are_configurable(mnist_dir):
 
 def test_missing_data_without_download_names_folder_and_files(tmp_path):
     dm = MNISTDataModule(data_dir=str(tmp_path / "nowhere"), download=False)
+    dm.prepare_data()  # nothing to download: setup, on every process, says what is missing
     with pytest.raises(UserError) as err:
-        dm.prepare_data()
+        dm.setup("fit")
     message = str(err.value)
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
@@ -70,7 +71,7 @@ def test_failed_download_is_one_clear_line(tmp_path):
     # to a proxy on a closed local port.
     env = subprocess_env() | {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={tmp_path}"],
+        [sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={tmp_path / 'data'}"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -81,4 +82,7 @@ def test_failed_download_is_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
     assert len(error_lines) == 1
-    assert "the download failed" in error_lines[0] and str(tmp_path / "MNIST" / "raw") in error_lines[0]
+    assert "the download failed" in error_lines[0]
+    assert str(tmp_path / "data" / "MNIST" / "raw") in error_lines[0]
+    # A failed command leaves nothing behind: no empty data folder, no run folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))

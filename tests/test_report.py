@@ -64,7 +64,7 @@ def test_fit_run_has_an_hparams_row_with_real_metric_columns(fit_and_test):
 
 def test_test_run_row_describes_the_checkpoint_it_tested(fit_and_test):
     logs, _ = fit_and_test
-    test = events(logs / "version_1")
+    test = events(logs / "version_0" / "test_0")
     params, metrics = hparams_row(test)
     checkpoint = Path(params["ckpt_path"])
     assert params["command"] == "test" and checkpoint.parent == Path("lightning_logs/version_0/checkpoints")
@@ -78,7 +78,7 @@ def test_test_run_row_describes_the_checkpoint_it_tested(fit_and_test):
 
 def test_test_logs_confusion_matrix_mistakes_and_per_class_accuracy(fit_and_test):
     logs, _ = fit_and_test
-    test = events(logs / "version_1")
+    test = events(logs / "version_0" / "test_0")
     for tag in ("test/confusion_matrix", "test/mistakes"):
         (image,) = test.Images(tag)
         assert image.encoded_image_string.startswith(PNG_SIGNATURE) and image.width > 300, tag

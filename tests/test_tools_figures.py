@@ -1,4 +1,4 @@
-"""`python -m mnist_lit.figures`: README pictures from a tiny real run's TensorBoard event files."""
+"""`python -m tools.figures`: README pictures from a tiny real run's TensorBoard event files."""
 
 import subprocess
 import sys
@@ -7,8 +7,8 @@ import pytest
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_lit import figures
 from tests.helpers import QUICK, cli, fit_args, subprocess_env
+from tools import figures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -22,7 +22,7 @@ def test_figures_from_a_fit_run_and_its_test_run(workdir, mnist_dir, capsys):
 
     cli("test", *QUICK[1:])
     subprocess.run(
-        [sys.executable, "-m", "mnist_lit.figures", "--run", str(run), "--out", "docs"],
+        [sys.executable, "-m", "tools.figures", "--run", str(run), "--out", "docs"],
         check=True,
         env=subprocess_env(),
     )
@@ -35,7 +35,7 @@ def test_figures_from_a_fit_run_and_its_test_run(workdir, mnist_dir, capsys):
     height, width, _ = imread(docs / "training_curves.png").shape
     assert (width, height) == (1000, 400)
     # The confusion matrix is the very image the test run logged to TensorBoard.
-    test_events = EventAccumulator(str(workdir / "lightning_logs" / "version_1"))
+    test_events = EventAccumulator(str(workdir / "lightning_logs" / "version_0" / "test_0"))
     test_events.Reload()
     logged = test_events.Images("test/confusion_matrix")[-1].encoded_image_string
     assert logged.startswith(PNG_SIGNATURE) and (docs / "confusion_matrix.png").read_bytes() == logged
@@ -53,4 +53,4 @@ def test_curves_are_the_logged_values_per_epoch(workdir, mnist_dir):
 def test_a_folder_without_events_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         figures.main(["--run", str(tmp_path), "--out", str(tmp_path / "docs")])
-    assert str(exit_info.value.code) == f"mnist_lit.figures: error: no TensorBoard event files in {tmp_path}/"
+    assert str(exit_info.value.code) == f"tools.figures: error: no TensorBoard event files in {tmp_path}/"

@@ -1,10 +1,10 @@
 """README pictures, drawn from a real run's TensorBoard event files (never by hand).
 
-    python -m mnist_lit.figures --run lightning_logs/version_0 --out docs/
+    python -m tools.figures --run lightning_logs/version_0 --out docs/
 
 writes ``training_curves.png`` (loss and accuracy per epoch, train and val) from the ``fit`` run, and
 ``confusion_matrix.png`` and ``mistakes.png``, the images that ``test`` logged (see report.py), from the
-newest test run beside it (``--test-run`` to choose).
+newest test run of it, ``<run>/test_N`` (``--test-run`` to choose).
 """
 
 import argparse
@@ -25,9 +25,9 @@ TEST_IMAGES = {CONFUSION_MATRIX_TAG: "confusion_matrix.png", MISTAKES_TAG: "mist
 
 
 def load_events(log_dir: Path) -> EventAccumulator:
-    """All scalars and images of one ``version_N`` folder (size_guidance 0 = keep every event)."""
+    """All scalars and images of one run folder (size_guidance 0 = keep every event)."""
     if not any(log_dir.glob("events.out.tfevents.*")):
-        raise SystemExit(f"mnist_lit.figures: error: no TensorBoard event files in {log_dir}/")
+        raise SystemExit(f"tools.figures: error: no TensorBoard event files in {log_dir}/")
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     return events
@@ -58,8 +58,8 @@ def training_curves(events: EventAccumulator, title: str) -> Figure:
 
 
 def newest_test_run(run: Path) -> Path | None:
-    """The highest ``version_N`` beside ``run`` whose events hold the test report's confusion matrix."""
-    for candidate in run_folders(run.parent):
+    """The highest ``test_N`` of ``run`` whose events hold the test report's confusion matrix."""
+    for candidate in run_folders(run, "test"):
         has_events = any(candidate.glob("events.out.tfevents.*"))
         if has_events and CONFUSION_MATRIX_TAG in load_events(candidate).Tags()["images"]:
             return candidate
@@ -79,7 +79,7 @@ def write_figures(run: Path, out: Path, test_run: Path | None = None) -> list[Pa
 
     test_run = test_run or newest_test_run(run)
     if test_run is None:
-        print(f"no test run with a confusion matrix beside {run}: run `python -m mnist_lit test` first")
+        print(f"no test run with a confusion matrix in {run}: run `python -m mnist_lit test` first")
         return written
     test_events = load_events(test_run)
     for tag, name in TEST_IMAGES.items():
@@ -91,9 +91,9 @@ def write_figures(run: Path, out: Path, test_run: Path | None = None) -> list[Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mnist_lit.figures", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.figures", description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a fit run: lightning_logs/version_N")
-    parser.add_argument("--test-run", type=Path, help="its test run (default: the newest one beside it)")
+    parser.add_argument("--test-run", type=Path, help="its test run (default: its newest, <run>/test_N)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for the PNGs (default: docs)")
     args = parser.parse_args(argv)
     for path in write_figures(args.run, args.out, args.test_run):

@@ -1,0 +1,1 @@
+"""Tools for the project itself, beside the product: ``python -m tools.figures`` draws README pictures."""
