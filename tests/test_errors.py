@@ -135,7 +135,9 @@ def test_unknown_key_in_a_config_file_is_one_line(workdir, mnist_dir, capsys):
 @pytest.mark.slow
 def test_parse_error_from_the_shell_is_one_line_without_traceback(tmp_path, mnist_dir):
     cmd = [sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={mnist_dir}", "--model.lr=-1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "mnist_lit: error: --model.lr: Not of type PositiveFloat: -1 does not conform to restriction v>0 "
