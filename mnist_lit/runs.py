@@ -99,11 +99,15 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise UserError(f"{path} is not a checkpoint ({err})") from err
-        # torch's paragraph has one line on what it met ("... unsupported GLOBAL posix.system ...").
+        # torch's paragraph has one line on what it met: a GLOBAL (a class or function, which
+        # unpickling would call) is a refusal; anything else (an unknown opcode...) is not a pickle.
         lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in str(err).splitlines()]
-        why = next((line for line in lines if "nsupported" in line), "")
+        why = next((line for line in lines if "GLOBAL" in line), None)
+        if why is None:
+            raise UserError(
+                f"{path} is not a readable checkpoint: it is truncated or not a checkpoint at all "
+                f"({next((line for line in lines if 'nsupported' in line), first_line(err))})"
+            ) from err
         raise UserError(
             f"{path} was refused: it holds objects other than tensors and plain data, and loading them "
             f"could run code ({why.split('. ')[0].rstrip('.')})"

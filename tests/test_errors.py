@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from mnist_lit.errors import first_line
 from mnist_lit.runs import load_checkpoint
 from tests.helpers import (
     QUICK,
@@ -215,3 +216,8 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint
     kept = load_checkpoint(last)
     assert kept["epoch"] == 0 and kept["global_step"] == 5
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_first_line_of_an_error_without_a_message_is_its_type():
+    assert first_line(ValueError("bad header\nmore detail")) == "bad header"
+    assert first_line(OSError()) == "OSError"

@@ -1,0 +1,78 @@
+"""runs.py: which run is the newest, which checkpoint is its best, and safe checkpoint loading."""
+
+import os
+
+import pytest
+import torch
+
+from mnist_lit.errors import UserError
+from mnist_lit.model import MNISTClassifier
+from mnist_lit.runs import Run, check_checkpoint_fits, load_checkpoint, newest_run, run_folders
+
+
+def save_checkpoint(path, best_name: str | None = None, score: float | None = None, mtime: int = 0):
+    """A file shaped like Lightning's: a state_dict, and ModelCheckpoint's state naming the best file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"best_model_path": best_name, "best_model_score": score}
+    callbacks = {"ModelCheckpoint{'monitor': 'val/acc'}": state}
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "callbacks": callbacks}, path)
+    os.utime(path, (mtime, mtime))
+
+
+def test_run_folders_are_numbered_runs_newest_first(tmp_path):
+    for name in ("version_2", "version_10", "version_x", "test_0", "version_1"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in run_folders(tmp_path)] == ["version_10", "version_2", "version_1"]
+    assert [p.name for p in run_folders(tmp_path, "test")] == ["test_0"]
+
+
+def test_newest_run_is_the_highest_number_with_a_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "version_0/checkpoints/last.ckpt")
+    (tmp_path / "version_1").mkdir()  # a run that failed before saving anything
+    assert newest_run(tmp_path) == Run(tmp_path / "version_0")
+    with pytest.raises(UserError, match="run `python -m mnist_lit fit` first"):
+        newest_run(tmp_path / "nothing")
+
+
+def test_best_checkpoint_is_the_one_model_checkpoint_recorded(tmp_path):
+    run = Run(tmp_path / "version_0")
+    folder = run.log_dir / "checkpoints"
+    save_checkpoint(folder / "epoch00-val_acc0.9000.ckpt", mtime=1)
+    # The newest file carries ModelCheckpoint's latest state, recorded with the path where it was written.
+    save_checkpoint(folder / "last.ckpt", "/elsewhere/epoch00-val_acc0.9000.ckpt", 0.9, mtime=2)
+    assert run.best_checkpoint() == (folder / "epoch00-val_acc0.9000.ckpt", pytest.approx(0.9))
+
+
+def test_without_a_recorded_best_the_newest_checkpoint_counts(tmp_path):
+    run = Run(tmp_path / "version_0")
+    save_checkpoint(run.log_dir / "checkpoints/last.ckpt", mtime=1)
+    assert run.best_checkpoint() == (run.log_dir / "checkpoints/last.ckpt", None)
+
+
+def test_a_checkpoint_belongs_to_the_run_whose_checkpoints_folder_holds_it(tmp_path):
+    assert Run.of_checkpoint(tmp_path / "version_3/checkpoints/last.ckpt") == Run(tmp_path / "version_3")
+    assert Run.of_checkpoint(tmp_path / "downloads/model.ckpt") is None
+
+
+def test_load_checkpoint_names_the_file_and_its_fault(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "gone.ckpt")
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match=r"notes\.ckpt is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "notes.ckpt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(UserError, match=r"plain\.pt is not a Lightning checkpoint: it has no state_dict"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_check_checkpoint_fits_names_the_first_difference(tmp_path):
+    model = MNISTClassifier()
+    state = {"state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+    check_checkpoint_fits(state, tmp_path / "a.ckpt", model)  # the same model: no complaint
+    state["state_dict"]["net.classifier.weight"] = torch.zeros(5, 1568)
+    shapes = r"net\.classifier\.weight has shape \[5, 1568\] there but \[10, 1568\]"
+    with pytest.raises(UserError, match=shapes):
+        check_checkpoint_fits(state, tmp_path / "a.ckpt", model)
+    del state["state_dict"]["net.classifier.weight"]
+    with pytest.raises(UserError, match=r"it has no net\.classifier\.weight"):
+        check_checkpoint_fits(state, tmp_path / "a.ckpt", model)
