@@ -6,6 +6,7 @@ know: which checkpoint a bare ``test`` means, and the summaries printed at the e
 
 import importlib
 import json
+import logging
 import re
 import sys
 import warnings
@@ -28,9 +29,10 @@ from mnist_lit.logger import RunLogger
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TestReport
-from mnist_lit.runs import Run, check_checkpoint_fits, load_checkpoint, newest_run
+from mnist_lit.runs import Run, check_checkpoint_fits, epochs_completed, load_checkpoint, newest_run
 from mnist_lit.tracking import EpochTimer, HparamsRow, LearningRateLog, print_fit_summary
 
+PROG = "python -m mnist_lit"
 EVALUATION_COMMANDS = ("validate", "test", "predict")
 RUN_LOGGER = f"{RunLogger.__module__}.{RunLogger.__name__}"
 # --ckpt_path values that Lightning resolves itself rather than reading a file.
@@ -61,10 +63,34 @@ class CommandParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> None:
         if not self.exit_on_error:  # jsonargparse parsing internally, and catching its own errors
             super().error(message, ex)
-        one_line = " ".join(line.strip() for line in message.splitlines())
-        text = re.sub(r'Parser key "([^"]+)":?', r"--\1:", one_line)
-        sys.stderr.write(f"mnist_lit: error: {text} (see --help)\n")
+        sys.stderr.write(f"mnist_lit: error: {readable(message)} (see --help)\n")
         self.exit(2)
+
+
+# jsonargparse's words for a value of the wrong type, e.g. "Subtypes: [<class 'int'>, <class 'NoneType'>]".
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+UNION_ERROR = re.compile(
+    r"Does not validate against any of the Union subtypes.*Subtypes: \[(?P<types>[^]]*)\]"
+    r".*Given value: (?P<value>.*)$"
+)
+BAD_COMMAND = re.compile(r"argument subcommand: invalid choice: '(?P<command>[^']*)'.*")
+
+
+def readable(message: str) -> str:
+    """jsonargparse's error message as one line a user can act on."""
+    text = " ".join(line.strip() for line in message.splitlines())
+    text = re.sub(r'Parser key "([^"]+)":?', r"--\1:", text)
+    union = UNION_ERROR.search(text)
+    if union:
+        names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", union["types"])
+        words = [TYPE_WORDS.get(name, name) for name in names if name != "NoneType"]
+        expected = " or ".join(words) + (" (or null)" if "NoneType" in names else "")
+        text = text[: union.start()] + f"expected {expected}, got {union['value'].strip()!r}"
+    command = BAD_COMMAND.search(text)
+    if command:
+        commands = ", ".join([*LightningCLI.subcommands(), *TOOLS])
+        text = f"unknown command {command['command']!r}: choose from {commands}"
+    return text
 
 
 class MNISTCLI(LightningCLI):
@@ -154,7 +180,18 @@ class MNISTCLI(LightningCLI):
         if self.checkpoint is not None:
             check_checkpoint_fits(self.checkpoint, self._checkpoint_file(), self.model)
 
-    before_fit = before_validate = before_test = before_predict = _check_checkpoint
+    def before_fit(self) -> None:
+        self._check_checkpoint()
+        path, max_epochs = self._checkpoint_file(), self.trainer.max_epochs
+        done = epochs_completed(self.checkpoint) if self.checkpoint else 0
+        if path and max_epochs is not None and max_epochs >= 0 and done >= max_epochs:
+            raise UserError(
+                f"{path} has already trained {done} epoch(s), and --trainer.max_epochs is {max_epochs}: "
+                f"there is nothing left to train; to train further, pass --trainer.max_epochs {done + 5} "
+                "(or any number above the epochs done)"
+            )
+
+    before_validate = before_test = before_predict = _check_checkpoint
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; stopped by SIGTERM or Ctrl-C, it ends with a checkpoint and one line."""
@@ -171,10 +208,18 @@ class MNISTCLI(LightningCLI):
             score_text = "" if score is None else f" with {checkpoint.monitor} {float(score):.4f}"
             print(f"Best checkpoint: {checkpoint.best_model_path}{score_text}")
 
+    def after_validate(self) -> None:
+        self._print_summary("val")
+
     def after_test(self) -> None:
+        self._print_summary("test")
+
+    def _print_summary(self, stage: str) -> None:
+        """The evaluation's accuracy and loss in one line, under Lightning's table."""
         metrics = self.trainer.callback_metrics
-        if self.trainer.is_global_zero and "test/acc" in metrics:
-            print(f"test/acc {float(metrics['test/acc']):.2%}  test/loss {float(metrics['test/loss']):.4f}")
+        if self.trainer.is_global_zero and f"{stage}/acc" in metrics:
+            acc, loss = float(metrics[f"{stage}/acc"]), float(metrics[f"{stage}/loss"])
+            print(f"{stage}/acc {acc:.2%}  {stage}/loss {loss:.4f}")
 
 
 # `export` and `stats` are not Trainer methods, so LightningCLI cannot host them: each gets a parser of
@@ -195,7 +240,7 @@ def run_tool(argv: list[str]) -> None:
     module, name, prefix = TOOLS[argv[0]]
     function = getattr(importlib.import_module(module), name)
     summary = function.__doc__.split("\n\n")[0]  # the rest is Args, which --help shows per flag
-    parser = CommandParser(prog=f"python -m mnist_lit {argv[0]}", description=summary)
+    parser = CommandParser(prog=f"{PROG} {argv[0]}", description=summary)
     parser.add_function_arguments(function, prefix)
     config = parser.parse_args(argv[1:])
     function(**(config[prefix] if prefix else config).as_dict())
@@ -213,6 +258,10 @@ QUIET = (
 def main(args: ArgsType = None) -> None:
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
+    # Lightning's info lines ("Seed set to 42", "GPU available: False", a product tip, "`Trainer.fit`
+    # stopped", "Received SIGTERM: 2") say nothing that the command's own output does not.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     argv = sys.argv[1:] if args is None else args
     try:
         if isinstance(argv, list) and argv and argv[0] in TOOLS:
@@ -237,6 +286,7 @@ def main(args: ArgsType = None) -> None:
             args=args,
             parser_class=CommandParser,
             parser_kwargs={
+                "prog": PROG,
                 "description": TOOLS_HELP,
                 **{command: {"command": command} for command in LightningCLI.subcommands()},
             },

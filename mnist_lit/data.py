@@ -176,7 +176,11 @@ class MNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         return self.hparams.predict_path is not None and (trainer is None or trainer.predicting)
 
-    def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
+    def on_after_batch_transfer(
+        self, batch: list[torch.Tensor] | torch.Tensor, dataloader_idx: int
+    ) -> list[torch.Tensor] | torch.Tensor:
+        if isinstance(batch, torch.Tensor):  # images alone: the model summary's example input
+            return self.normalize(batch)
         images, labels = batch
         return [self.normalize(images), labels]
 

@@ -7,6 +7,7 @@ and ``--data.std``) is built in, so nobody has to copy the constants.
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -89,7 +90,9 @@ def export(
                 dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, external_data=False, verbose=False,
             )  # fmt: skip
         else:
-            torch.jit.trace(model, example).save(str(partial))
+            with warnings.catch_warnings():  # the user chose TorchScript, which --help says is deprecated
+                warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+                torch.jit.trace(model, example).save(str(partial))
     os.replace(partial, target)
     print(
         f"Exported {checkpoint} to {target} ({format}): input pixels (N, 1, 28, 28) in [0, 1], output 10 "

@@ -30,7 +30,10 @@ def image_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UserError(f"--data.predict_path {path} does not exist: give an image file or a folder of them")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    entries = sorted(p for p in path.iterdir() if p.is_file())
+    files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    for other in sorted(set(entries) - set(files)):
+        print(f"mnist_lit: skipped {other}: not an image file ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
     if not files:
         raise UserError(f"--data.predict_path {path} has no image files ({', '.join(IMAGE_SUFFIXES)})")
     return files

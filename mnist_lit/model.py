@@ -71,6 +71,9 @@ class MNISTClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = ConvNet()
+        # One image, as a loader hands it out: the model summary then shows each layer's input and
+        # output sizes and the network's FLOPs.
+        self.example_input_array = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         if compile:

@@ -18,6 +18,10 @@ import yaml
 
 from mnist_lit.errors import UserError, first_line
 
+NOT_A_CHECKPOINT = (
+    "is not a Lightning checkpoint (a .ckpt file that fit writes): it is truncated or another kind of file"
+)
+
 
 @dataclass(frozen=True)
 class Run:
@@ -105,7 +109,7 @@ def load_checkpoint(path: Path) -> dict:
         why = next((line for line in lines if "GLOBAL" in line), None)
         if why is None:
             raise UserError(
-                f"{path} is not a readable checkpoint: it is truncated or not a checkpoint at all "
+                f"{path} {NOT_A_CHECKPOINT} "
                 f"({next((line for line in lines if 'nsupported' in line), first_line(err))})"
             ) from err
         raise UserError(
@@ -116,12 +120,22 @@ def load_checkpoint(path: Path) -> dict:
         # torch's own words for these run to a paragraph about zip archives; the first clause says enough.
         detail = first_line(err).split(". ")[0]
         raise UserError(
-            f"{path} is not a readable checkpoint: it is truncated or not a checkpoint at all "
+            f"{path} {NOT_A_CHECKPOINT} "
             f"({err.__class__.__name__}{': ' + detail if detail != err.__class__.__name__ else ''})"
         ) from err
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise UserError(f"{path} is not a Lightning checkpoint: it has no state_dict")
     return state
+
+
+def epochs_completed(checkpoint: dict) -> int:
+    """How many whole epochs of training a Lightning checkpoint holds (a mid-epoch save: those before it).
+
+    An epoch's checkpoints are written at its end, once its training counts as processed but before
+    Lightning marks it completed: so "processed" is what a resumed run goes on from.
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("processed", 0))
 
 
 def check_checkpoint_fits(checkpoint: dict, path: Path, model: torch.nn.Module) -> None:

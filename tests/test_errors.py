@@ -118,12 +118,19 @@ def test_val_size_as_large_as_the_training_set(workdir, mnist_dir):
         ("--model.lr=-0.1", "--model.lr: Not of type PositiveFloat"),
         ("--model.label_smoothing=1.5", "--model.label_smoothing: Not of type ClosedUnitInterval"),
         ("--data.batchsize=3", "unrecognized arguments: --data.batchsize=3"),
+        ("--trainer.max_epoch=3", "unrecognized arguments: --trainer.max_epoch=3"),  # no abbreviations
+        ("--trainer.max_epochs=three", "--trainer.max_epochs: expected an integer (or null), got 'three'"),
         ("--config=no/such.yaml", "--config: File does not exist"),
     ],
 )
 def test_bad_flag_is_one_line(workdir, mnist_dir, capsys, flag, expected):
     assert expected in parse_error_of(capsys, *fit_args(mnist_dir, flag))
     assert not (workdir / "lightning_logs").exists()
+
+
+def test_unknown_command_lists_every_command(capsys):
+    message = parse_error_of(capsys, "fitt")
+    assert "unknown command 'fitt': choose from fit, validate, test, predict, export, stats" in message
 
 
 def test_unknown_key_in_a_config_file_is_one_line(workdir, mnist_dir, capsys):
@@ -161,14 +168,14 @@ def test_missing_checkpoint(workdir, mnist_dir, command):
 def test_file_that_is_not_a_checkpoint(workdir, mnist_dir):
     (workdir / "notes.ckpt").write_text("these are my notes, not a checkpoint\n")
     message = error_of("test", f"--data.data_dir={mnist_dir}", "--ckpt_path=notes.ckpt", *QUICK[1:])
-    assert "notes.ckpt is not a readable checkpoint" in message
+    assert "notes.ckpt is not a Lightning checkpoint" in message
 
 
 def test_truncated_checkpoint(workdir, mnist_dir, trained):
     torch.save(trained, workdir / "whole.ckpt")
     truncate(workdir / "whole.ckpt", (workdir / "whole.ckpt").stat().st_size // 2)
     message = error_of("fit", f"--data.data_dir={mnist_dir}", "--ckpt_path=whole.ckpt", *QUICK)
-    assert "whole.ckpt is not a readable checkpoint: it is truncated" in message
+    assert "whole.ckpt is not a Lightning checkpoint (a .ckpt file that fit writes): it is" in message
 
 
 def test_checkpoint_of_a_different_model(workdir, mnist_dir, trained):

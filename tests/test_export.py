@@ -65,10 +65,11 @@ def test_onnx_export_matches_pytorch_on_test_images(trained, mnist_dir, monkeypa
             np.testing.assert_allclose(logits, expected[: len(batch)], rtol=0, atol=1e-5)
 
 
-def test_torchscript_export_of_a_chosen_checkpoint_matches_pytorch(trained, mnist_dir, monkeypatch):
+def test_torchscript_export_of_a_chosen_checkpoint_matches_pytorch(trained, mnist_dir, monkeypatch, recwarn):
     monkeypatch.chdir(trained)
     last = trained / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     cli("export", "--format=torchscript", f"--ckpt_path={last}", "--output=model.pt")
+    assert not [w for w in recwarn if "torch.jit" in str(w.message)]  # the user chose TorchScript
     images = test_images(mnist_dir)
     exported = torch.jit.load(trained / "model.pt")
     torch.testing.assert_close(

@@ -60,11 +60,19 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, mnist
     errors = [line for line in stderr.splitlines() if line.startswith("mnist_lit: error:")]
     assert len(errors) == 1 and "training stopped by a signal at epoch 1, step " in errors[0], stderr[-3000:]
     assert f"--ckpt_path={last}" in errors[0]
+    # Only our line: not Lightning's "Received SIGTERM: 2" nor its blank "SIGTERMException ... message".
+    assert stderr.strip().splitlines()[-1] == errors[0] and "SIGTERM" not in stderr, stderr[-3000:]
     stopped = load_checkpoint(last)
     assert last.stat().st_mtime_ns != saved_after_epoch_0, "the stop was not saved"
     assert STEPS_PER_EPOCH < stopped["global_step"] < 2 * STEPS_PER_EPOCH, "not stopped inside epoch 1"
 
     cli(*fit_flags(mnist_dir), f"--ckpt_path={last}")
+    finished_run = workdir / "lightning_logs/version_1/checkpoints/last.ckpt"
+    with pytest.raises(SystemExit) as finished:  # again: the checkpoint has done its max_epochs already
+        cli(*fit_flags(mnist_dir), f"--ckpt_path={finished_run}")
+    assert "has already trained 2 epoch(s), and --trainer.max_epochs is 2" in str(finished.value.code)
+    assert "--trainer.max_epochs 7" in str(finished.value.code)
+    assert not (workdir / "lightning_logs/version_2").exists()
     resumed = load_checkpoint(workdir / "lightning_logs/version_1/checkpoints/last.ckpt")
     assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS_PER_EPOCH
     for key, value in uninterrupted["state_dict"].items():

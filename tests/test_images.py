@@ -83,16 +83,16 @@ def test_own_images_are_predicted_and_a_corrupt_one_is_skipped(workdir, shapes_d
         expected[f"digits/{name}"] = digit
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a PNG")
     Image.new("L", (50, 50), 230).save(folder / "blank.png")  # a photo of empty paper
-    (folder / "notes.txt").write_text("not an image, and not named like one: left alone")
+    (folder / "notes.txt").write_text("not an image, and not named like one")
     capsys.readouterr()
 
     cli("predict", "--data.predict_path=digits", "--predictions.output=mine.csv", *QUICK[1:])
     out, err = capsys.readouterr()
     skipped = [line for line in err.splitlines() if line.startswith("mnist_lit: skipped")]
-    assert len(skipped) == 2
-    assert "digits/blank.png: no digit found" in skipped[0]
-    assert "digits/broken.png" in skipped[1] and "cannot identify image" in skipped[1]
-    assert "notes.txt" not in out + err
+    assert len(skipped) == 3, skipped
+    assert "digits/notes.txt: not an image file (.png, .jpg" in skipped[0]  # said, not silently left out
+    assert "digits/blank.png: no digit found" in skipped[1]
+    assert "digits/broken.png" in skipped[2] and "cannot identify image" in skipped[2]
 
     with open(workdir / "mine.csv") as f:
         rows = {row["file"]: row for row in csv.DictReader(f)}
@@ -109,6 +109,8 @@ def test_own_images_are_predicted_and_a_corrupt_one_is_skipped(workdir, shapes_d
         cli("predict", "--data.predict_path=digits/broken.png", *QUICK[1:])
     assert str(exit_info.value.code).startswith("mnist_lit: error: none of the 1 file(s)")
     assert "digits/broken.png" in str(exit_info.value.code)
+    # The predict run that worked is filed under the run it used; the failed one left no folder.
+    assert sorted(p.name for p in (workdir / "lightning_logs/version_0").glob("predict_*")) == ["predict_0"]
 
 
 def test_mnist_style_fits_20x20_centres_by_mass_and_ignores_polarity_and_size(tmp_path):

@@ -58,7 +58,7 @@ def test_load_checkpoint_names_the_file_and_its_fault(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "gone.ckpt")
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
-    with pytest.raises(UserError, match=r"notes\.ckpt is not a readable checkpoint"):
+    with pytest.raises(UserError, match=r"notes\.ckpt is not a Lightning checkpoint"):
         load_checkpoint(tmp_path / "notes.ckpt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(UserError, match=r"plain\.pt is not a Lightning checkpoint: it has no state_dict"):
