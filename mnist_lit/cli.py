@@ -10,12 +10,14 @@ import sys
 import warnings
 from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_lit.allocator import keep_freed_memory
 from mnist_lit.data import MNISTDataModule
+from mnist_lit.distributed import EndStalledRanks, stalled_message, with_timeout
 from mnist_lit.errors import UserError
 from mnist_lit.export import export
 from mnist_lit.faults import GracefulInterrupt, LastCheckpoint, StopOnDivergence, interrupted_message
@@ -113,6 +115,12 @@ class MNISTCLI(LightningCLI):
         if trainer.default_root_dir and ours and logger.init_args.save_dir == ".":
             logger.init_args.save_dir = trainer.default_root_dir
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # Plain DDP waits DEFAULT_TIMEOUT for a rank instead of torch's 30 minutes (distributed.py).
+        trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        kwargs.setdefault("strategy", with_timeout(trainer.strategy, trainer.devices, trainer.num_nodes))
+        return super().instantiate_trainer(**kwargs)
+
     def _checkpoint_file(self) -> Path | None:
         """The local file --ckpt_path names, if it names one (not "last", "best", a URL...)."""
         command = self.config.get("subcommand")
@@ -180,6 +188,8 @@ QUIET = (
     "'set_vital' is deprecated",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     "The dirpath has changed",
+    # Epoch values here are torchmetrics results, synced by compute() on every rank (distributed.py).
+    r"It is recommended to use `self.log\(.*sync_dist=True\)`",
 )
 
 
@@ -204,6 +214,7 @@ def main(args: ArgsType = None) -> None:
                     GracefulInterrupt(),
                     HparamsRow(),
                     EpochTimer(),
+                    EndStalledRanks(),
                 ],
             },
             save_config_kwargs={"overwrite": False},
@@ -213,5 +224,9 @@ def main(args: ArgsType = None) -> None:
         )
     except UserError as err:
         sys.exit(f"mnist_lit: error: {err}")
+    except RuntimeError as err:  # DDP ranks that stopped agreeing; anything else is a bug: traceback
+        if (line := stalled_message(err)) is None:
+            raise
+        sys.exit(f"mnist_lit: error: {line}")
     except KeyboardInterrupt:  # Ctrl-C outside training (loading data, parsing); in training see faults.py
         sys.exit("mnist_lit: error: interrupted")
