@@ -118,7 +118,8 @@ class MNISTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         # Plain DDP waits DEFAULT_TIMEOUT for a rank instead of torch's 30 minutes (distributed.py).
         trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
-        kwargs.setdefault("strategy", with_timeout(trainer.strategy, trainer.devices, trainer.num_nodes))
+        strategy = with_timeout(trainer.strategy, trainer.accelerator, trainer.devices, trainer.num_nodes)
+        kwargs.setdefault("strategy", strategy)
         return super().instantiate_trainer(**kwargs)
 
     def _checkpoint_file(self) -> Path | None:

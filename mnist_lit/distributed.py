@@ -24,8 +24,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, Strategy
 
-# Nothing in an MNIST run keeps one rank waiting for another for long: an epoch takes seconds, the
-# download under a minute. Longer than this, and a rank has stalled.
+# Nothing in an MNIST run keeps one rank waiting for another for long: epochs take seconds, a
+# download is small. Longer than this, and a rank has stalled.
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 TIMEOUT_FLAG = "--trainer.strategy=DDPStrategy --trainer.strategy.timeout=H:MM:SS"
 COLLECTIVES = (
@@ -40,20 +40,23 @@ def _count(devices: object) -> int | None:
     if isinstance(devices, str) and "," in devices:
         return len([d for d in devices.split(",") if d.strip()])
     try:
-        count = int(devices)  # type: ignore[call-overload]
+        count = int(devices)
     except (TypeError, ValueError):
         return None
     return count if count >= 0 else None
 
 
-def with_timeout(strategy: str | Strategy, devices: object, num_nodes: int) -> str | Strategy:
+def with_timeout(
+    strategy: str | Strategy, accelerator: object, devices: object, num_nodes: int
+) -> str | Strategy:
     """``--trainer.strategy`` as given, except that plain DDP gets :data:`DEFAULT_TIMEOUT`.
 
-    That is ``ddp``, and ``auto`` where the flags name several processes (Lightning picks DDP then). A
-    strategy given as a class (``--trainer.strategy=DDPStrategy ...``) is the user's, timeout included.
+    That is ``ddp``, and ``auto`` on CPUs or GPUs where the flags name several processes (Lightning
+    picks DDP then). A strategy given as a class (``--trainer.strategy=DDPStrategy ...``) is the
+    user's, timeout included.
     """
     several = num_nodes > 1 or (_count(devices) or 1) > 1
-    if strategy == "ddp" or (strategy == "auto" and several):
+    if strategy == "ddp" or (strategy == "auto" and accelerator in ("cpu", "gpu", "cuda") and several):
         return DDPStrategy(timeout=DEFAULT_TIMEOUT)
     return strategy
 
