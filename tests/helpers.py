@@ -135,15 +135,21 @@ class Guarded:
         return wait_all([self])[0]
 
     def abort(self) -> None:
-        """SIGABRT to the whole tree (each Python process prints its stack), then SIGKILL what is left."""
-        pids = [self.proc.pid, *_descendants(self.proc.pid)]
-        _signal_all(pids, signal.SIGABRT)
+        """SIGABRT to each process of the tree (each Python process prints its stack), then SIGKILL."""
+        pids = [*reversed(_descendants(self.proc.pid)), self.proc.pid]
+        for pid in pids:  # one at a time, so that the stacks do not interleave
+            _signal_all([pid], signal.SIGABRT)
+            time.sleep(1)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=15)
-        time.sleep(2)  # the other processes' faulthandler output
         _signal_all(pids, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=15)
+
+    def stacks(self) -> str:
+        """stderr without faulthandler's list of extension modules, which says nothing about a hang."""
+        lines = self.output()[1].splitlines()
+        return "\n".join(line for line in lines if not line.startswith("Extension modules:"))
 
 
 def wait_all(runs: list[Guarded]) -> list[subprocess.CompletedProcess]:
@@ -154,7 +160,7 @@ def wait_all(runs: list[Guarded]) -> list[subprocess.CompletedProcess]:
         except subprocess.TimeoutExpired:
             for other in runs:
                 other.abort()
-            report = "\n".join(f"$ {' '.join(other.cmd)}\n{other.output()[1][-15000:]}" for other in runs)
+            report = "\n".join(f"$ {' '.join(other.cmd)}\n{other.stacks()[-15000:]}" for other in runs)
             pytest.fail(
                 f"still running after {run.timeout:.0f} s; each process's stack:\n{report}", pytrace=False
             )
