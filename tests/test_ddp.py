@@ -5,6 +5,7 @@ torchrun "nodes" on this machine. Every run is guarded: one that hangs fails wit
 import ast
 import csv
 import math
+import os
 import signal
 import socket
 import sys
@@ -207,39 +208,54 @@ def test_two_torchrun_nodes_train_one_run(tmp_path, mnist_dir):
     assert last["global_step"] == 2 * math.ceil(250 / 100)
 
 
-@pytest.mark.slow
-def test_sigterm_mid_epoch_under_ddp_saves_a_checkpoint_that_resumes_exactly(tmp_path, mnist_dir):
-    # 500 training images in batches of 20 on two ranks: 13 steps an epoch. Default progress bar.
-    fit = [
-        "fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100", "--data.batch_size=20",
+def stoppable_fit(data_dir: Path) -> list[str]:
+    """500 training images in batches of 20 on two ranks: 13 steps an epoch. Default progress bar."""
+    return [
+        "fit", f"--data.data_dir={data_dir}", "--data.val_size=100", "--data.batch_size=20",
         "--trainer.max_epochs=2", "--seed_everything=3", *DDP,
     ]  # fmt: skip
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    straight.mkdir(), stopped.mkdir()
-    marker = stopped / "epoch1-under-way"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tmp_path_factory, mnist_dir) -> dict:
+    """last.ckpt of the same two DDP epochs, run straight through."""
+    folder = tmp_path_factory.mktemp("straight_ddp")
+    assert_clean(run_guarded(mnist_cli(*stoppable_fit(mnist_dir)), folder, GUARD), "uninterrupted fit")
+    return load_checkpoint(folder / "lightning_logs/version_0/checkpoints/last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "whole_group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM-to-launcher", "Ctrl-C-in-terminal"],
+)
+def test_stopped_mid_epoch_under_ddp_saves_a_checkpoint_that_resumes_exactly(
+    tmp_path, mnist_dir, uninterrupted_ddp, signum, whole_group
+):
+    # A scheduler's SIGTERM goes to the launching process; a terminal's Ctrl-C to every process of the job.
+    marker = tmp_path / "epoch1-under-way"
     pace = ["--trainer.callbacks+=tests.pacing.Pace", f"--trainer.callbacks.marker={marker}"]
-    runs_ = [Guarded(mnist_cli(*fit), straight, GUARD), Guarded(mnist_cli(*fit, *pace), stopped, GUARD)]
-    interrupted = runs_[1]
-    deadline = time.monotonic() + GUARD
-    while not marker.exists() and interrupted.proc.poll() is None and time.monotonic() < deadline:
+    run = Guarded(mnist_cli(*stoppable_fit(mnist_dir), *pace), tmp_path, GUARD)
+    while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
         time.sleep(0.02)
-    interrupted.proc.send_signal(signal.SIGTERM)  # to the launching process only, as a scheduler does
-    reference, proc = wait_all(runs_)
-    assert_clean(reference, "uninterrupted fit")
+    if whole_group:
+        os.killpg(run.proc.pid, signum)  # the run's own session: its processes are the terminal's job
+    else:
+        run.proc.send_signal(signum)
+    proc = run.wait()
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = stopped / "lightning_logs/version_0/checkpoints/last.ckpt"
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
-    assert errors and all("training stopped by a signal at epoch 1, step " in line for line in errors), (
-        proc.stderr[-3000:]
-    )
+    stopped = "training stopped by a signal at epoch 1, step "
+    assert errors and all(stopped in line for line in errors), proc.stderr[-3000:]
     assert f"--ckpt_path={last}" in errors[0]
     assert 13 < load_checkpoint(last)["global_step"] < 26, "not stopped inside epoch 1"
 
-    proc = run_guarded(mnist_cli(*fit, f"--ckpt_path={last}"), stopped, GUARD)
+    proc = run_guarded(mnist_cli(*stoppable_fit(mnist_dir), f"--ckpt_path={last}"), tmp_path, GUARD)
     assert_clean(proc, "resumed fit")
-    resumed = load_checkpoint(stopped / "lightning_logs/version_1/checkpoints/last.ckpt")
-    uninterrupted = load_checkpoint(straight / "lightning_logs/version_0/checkpoints/last.ckpt")
-    assert resumed["global_step"] == uninterrupted["global_step"] == 26
-    for key, value in uninterrupted["state_dict"].items():
+    resumed = load_checkpoint(tmp_path / "lightning_logs/version_1/checkpoints/last.ckpt")
+    assert resumed["global_step"] == uninterrupted_ddp["global_step"] == 26
+    for key, value in uninterrupted_ddp["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
