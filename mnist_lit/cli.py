@@ -12,11 +12,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnist_lit.data import MNISTDataModule
+from mnist_lit.distributed import EndStalledRanks, stalled_message, with_timeout
 from mnist_lit.errors import UserError
 from mnist_lit.faults import (
     DiscardFailedRun,
@@ -168,6 +170,13 @@ class MNISTCLI(LightningCLI):
             if run is not None and settings.name == "lightning_logs" and settings.version is None:
                 settings.save_dir, settings.name = str(run.log_dir), ""
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # Plain DDP waits DEFAULT_TIMEOUT for a rank instead of torch's 30 minutes (distributed.py).
+        trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        strategy = with_timeout(trainer.strategy, trainer.accelerator, trainer.devices, trainer.num_nodes)
+        kwargs.setdefault("strategy", strategy)
+        return super().instantiate_trainer(**kwargs)
+
     def _checkpoint_file(self) -> Path | None:
         """The local file --ckpt_path names, if it names one (not "last", "best", a URL...)."""
         command = self.config.get("subcommand")
@@ -252,6 +261,8 @@ QUIET = (
     "'set_vital' is deprecated",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     "The dirpath has changed",
+    # Epoch values here are torchmetrics results, synced by compute() on every rank (distributed.py).
+    r"It is recommended to use `self.log\(.*sync_dist=True\)`",
 )
 
 
@@ -280,6 +291,7 @@ def main(args: ArgsType = None) -> None:
                     HparamsRow(),
                     EpochTimer(),
                     DiscardFailedRun(),
+                    EndStalledRanks(),
                 ],
             },
             save_config_kwargs={"overwrite": False},
@@ -293,5 +305,9 @@ def main(args: ArgsType = None) -> None:
         )
     except UserError as err:
         sys.exit(f"mnist_lit: error: {err}")
+    except RuntimeError as err:  # DDP ranks that stopped agreeing; anything else is a bug: traceback
+        if (line := stalled_message(err)) is None:
+            raise
+        sys.exit(f"mnist_lit: error: {line}")
     except KeyboardInterrupt:  # Ctrl-C outside training (loading data, parsing); in training see faults.py
         sys.exit("mnist_lit: error: interrupted")

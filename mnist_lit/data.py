@@ -8,12 +8,13 @@ and normalizes each batch where it will be used (the GPU, when there is one).
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
-from torch.utils.data import Dataset, default_convert
+from torch.utils.data import Dataset, DistributedSampler, default_convert
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision.datasets import MNIST
@@ -64,6 +65,23 @@ class ResumableShuffle(StatefulDistributedSampler):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.set_epoch(state["epoch"])
+
+
+class EvaluationShard(DistributedSampler):
+    """Rank r of W evaluates images r, r + W, r + 2W, ...: every image exactly once over all ranks.
+
+    Lightning's default DistributedSampler pads each rank's share to the same length with repeated
+    images, so a test set whose size W does not divide would count some images twice. The shares
+    differ by at most one image; nothing in evaluation waits for the other ranks per batch.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -163,13 +181,19 @@ class MNISTDataModule(L.LightningDataModule):
         return self._loader(self.train_set, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.val_set)
+        return self._evaluation_loader(self.val_set)
 
     def test_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.test_set)
+        return self._evaluation_loader(self.test_set)
 
     def predict_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.predict_set if self._predicting_files() else self.test_set)
+        return self._evaluation_loader(self.predict_set if self._predicting_files() else self.test_set)
+
+    def _evaluation_loader(self, dataset: DigitTensors | None) -> StatefulDataLoader:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self._loader(dataset)
+        return self._loader(dataset, EvaluationShard(dataset, trainer.world_size, trainer.global_rank))
 
     def _predicting_files(self) -> bool:
         # predict_path only means anything to `predict`; fit/test with it set still use MNIST.
@@ -199,7 +223,7 @@ class MNISTDataModule(L.LightningDataModule):
         return self._stats[device]
 
     def _loader(
-        self, dataset: DigitTensors | None, sampler: ResumableShuffle | None = None
+        self, dataset: DigitTensors | None, sampler: DistributedSampler | None = None
     ) -> StatefulDataLoader:
         workers = self.hparams.num_workers
         trainer = self.trainer

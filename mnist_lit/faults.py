@@ -89,7 +89,10 @@ class StopOnDivergence(Callback):
 class GracefulInterrupt(Callback):
     """During training, Ctrl-C (SIGINT) stops the run the way Lightning stops it on SIGTERM.
 
-    A second Ctrl-C, while the first is still being honoured, stops at once.
+    A second Ctrl-C, while the first is still being honoured, stops at once. Under DDP a terminal's
+    Ctrl-C reaches every rank and the launching rank forwards it to the ranks it started: each rank
+    hands only the first to Lightning, whose handler broadcasts to the other ranks (a second broadcast
+    on one rank only would wait for ever), and only rank 0 takes a second one as "stop at once".
     """
 
     def __init__(self) -> None:
@@ -103,9 +106,15 @@ class GracefulInterrupt(Callback):
         if not callable(sigterm):
             return
 
+        routed = False
+
         def on_sigint(signum: int, frame) -> None:
-            if trainer.received_sigterm:
-                raise KeyboardInterrupt
+            nonlocal routed
+            if routed:
+                if trainer.is_global_zero:
+                    raise KeyboardInterrupt
+                return
+            routed = True
             sigterm(signum, frame)
 
         self._previous = signal.signal(signal.SIGINT, on_sigint)

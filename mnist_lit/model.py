@@ -150,7 +150,9 @@ class MNISTClassifier(L.LightningModule):
     def _evaluate(self, batch: list[torch.Tensor], loss_metric: MeanMetric, acc_metric) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss_metric.update(F.cross_entropy(logits, labels))
+        # Per image, so the mean is over every image whatever the batches or DDP shares (MeanMetric's
+        # weight= is ignored under nan_strategy="disable").
+        loss_metric.update(F.cross_entropy(logits, labels, reduction="none"))
         acc_metric.update(logits, labels)
         return logits
 

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 from rich.table import Table
 
+from mnist_lit.distributed import gather_to_rank_zero
 from mnist_lit.errors import UserError
 from mnist_lit.model import NUM_CLASSES
 
@@ -44,12 +45,16 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices
     ):
+        # trainer.log_dir is a collective under DDP: every rank asks, before only rank 0 writes.
         path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
-        if trainer.world_size > 1:  # each rank predicted its own shard
-            path = path.with_stem(f"{path.stem}_rank{trainer.global_rank}")
-        digits = torch.cat([batch["digit"] for batch in predictions]).tolist()
-        probs = torch.cat([batch["probs"] for batch in predictions]).tolist()
+        digits = torch.cat([batch["digit"] for batch in predictions]).tolist() if predictions else []
+        probs = torch.cat([batch["probs"] for batch in predictions]).tolist() if predictions else []
         indices = [i for batch in batch_indices[0] for i in batch] if batch_indices else range(len(digits))
+        # Under DDP each rank predicted its own share: rank 0 writes them all, in image order, to one file.
+        shares = gather_to_rank_zero(trainer, list(zip(indices, digits, probs, strict=True)))
+        if shares is None:
+            return
+        rows = sorted(row for share in shares for row in share)
         # The user's own images (--data.predict_path) are named by file, in the CSV and in a table.
         files = [str(file) for file in getattr(trainer.datamodule, "predict_files", [])]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,10 +62,9 @@ class PredictionWriter(BasePredictionWriter):
             writer = csv.writer(f)
             file_column = ["file"] if files else []
             writer.writerow(["index", *file_column, "digit", *(f"p{c}" for c in range(NUM_CLASSES))])
-            for index, digit, row in zip(indices, digits, probs, strict=True):
+            for index, digit, row in rows:
                 file_cell = [files[index]] if files else []
                 writer.writerow([index, *file_cell, digit, *(f"{p:.6f}" for p in row)])
         if files:
-            rows = zip(indices, digits, probs, strict=True)
             print_table([(files[index], digit, row[digit]) for index, digit, row in rows])
-        print(f"Predictions for {len(digits)} images written to {path}")
+        print(f"Predictions for {len(rows)} images written to {path}")

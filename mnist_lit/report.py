@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from mnist_lit.distributed import gather_to_rank_zero
 from mnist_lit.model import NUM_CLASSES
 
 if TYPE_CHECKING:  # matplotlib is imported when a report is drawn, not by every command
@@ -62,13 +63,21 @@ class TestReport(Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Logged through the module, so they also appear in Lightning's end-of-test table. compute() has
-        # already synced the DDP ranks; sync_dist only averages equal numbers (and silences a warning).
+        # already synced the DDP ranks, here on every rank; no sync_dist (see distributed.py).
         for digit, acc in enumerate(self.class_acc.compute().tolist()):
-            pl_module.log(CLASS_ACC_TAG.format(digit=digit), acc, sync_dist=True)
+            pl_module.log(CLASS_ACC_TAG.format(digit=digit), acc)
         confusion = self.confusion.compute()  # synced across DDP ranks, so every rank must call it
+        # Each DDP rank kept the worst mistakes of its own share: rank 0 gets them all (every rank asks).
+        shares = gather_to_rank_zero(trainer, (self.worst, self.worst_prob))
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers or not trainer.is_global_zero:
+        if not loggers or shares is None:
             return
+        prob = torch.cat([share_prob for _, share_prob in shares])
+        keep = prob.argsort(descending=True)[: self.mistakes]
+        self.worst = tuple(
+            torch.cat(parts)[keep] for parts in zip(*(worst for worst, _ in shares), strict=True)
+        )
+        self.worst_prob = prob[keep]
         figures = {CONFUSION_MATRIX_TAG: confusion_figure(confusion), MISTAKES_TAG: self.mistakes_figure()}
         for tag, figure in figures.items():
             for logger in loggers:

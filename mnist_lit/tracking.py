@@ -113,8 +113,10 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.times.append(time.perf_counter() - self.start)
-        # sync_dist: the mean over DDP ranks, which all ran the same epoch.
-        pl_module.log(EPOCH_TIME_TAG, self.times[-1], sync_dist=True)
+        # Each rank's own time, no sync_dist: Lightning would sync wherever the value is first read, which
+        # is rank 0's progress bar alone (a deadlock, see distributed.py). Ranks wait for each other at
+        # every step, so rank 0's time, the one its logger writes, is the epoch's.
+        pl_module.log(EPOCH_TIME_TAG, self.times[-1])
 
 
 def print_fit_summary(trainer: L.Trainer) -> None:

@@ -1,8 +1,13 @@
 """Helpers the tests share: tiny MNIST folders in the real IDX format, and ways to drive the real CLI."""
 
+import contextlib
 import os
+import signal
 import struct
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +81,101 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): torchrun starts its workers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+class Guarded:
+    """A subprocess (and every process it starts) that a test waits on for at most ``timeout`` seconds.
+
+    Its output goes to files, so that several can run side by side without filling a pipe. If the time
+    runs out, every process of the tree gets SIGABRT: PYTHONFAULTHANDLER makes each Python process (each
+    DDP rank) print its stack, and the test fails with those stacks instead of hanging CI.
+    """
+
+    def __init__(self, cmd: list, cwd: Path, timeout: float = 300, env: dict | None = None) -> None:
+        self.cmd = [str(part) for part in cmd]
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        # Open for the process's whole life; read and closed by wait_all.
+        self.files = [tempfile.TemporaryFile("w+") for _ in range(2)]  # noqa: SIM115
+        env = {**(env or subprocess_env()), "PYTHONFAULTHANDLER": "1"}
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=cwd, env=env, stdout=self.files[0], stderr=self.files[1], text=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def output(self) -> tuple[str, str]:
+        """stdout and stderr so far."""
+        texts = []
+        for file in self.files:
+            file.seek(0)
+            texts.append(file.read())
+        return texts[0], texts[1]
+
+    def wait(self) -> subprocess.CompletedProcess:
+        return wait_all([self])[0]
+
+    def abort(self) -> None:
+        """SIGABRT to each process of the tree (each Python process prints its stack), then SIGKILL."""
+        pids = [*reversed(_descendants(self.proc.pid)), self.proc.pid]
+        for pid in pids:  # one at a time, so that the stacks do not interleave
+            _signal_all([pid], signal.SIGABRT)
+            time.sleep(1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=15)
+        _signal_all(pids, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=15)
+
+    def stacks(self) -> str:
+        """stderr without faulthandler's list of extension modules, which says nothing about a hang."""
+        lines = self.output()[1].splitlines()
+        return "\n".join(line for line in lines if not line.startswith("Extension modules:"))
+
+
+def wait_all(runs: list[Guarded]) -> list[subprocess.CompletedProcess]:
+    """The finished runs; if any overruns its time, all are aborted and the test fails with their stacks."""
+    for run in runs:
+        try:
+            run.proc.wait(timeout=max(0.0, run.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in runs:
+                other.abort()
+            report = "\n".join(f"$ {' '.join(other.cmd)}\n{other.stacks()[-15000:]}" for other in runs)
+            pytest.fail(
+                f"still running after {run.timeout:.0f} s; each process's stack:\n{report}", pytrace=False
+            )
+    results = []
+    for run in runs:
+        stdout, stderr = run.output()
+        for file in run.files:
+            file.close()
+        results.append(subprocess.CompletedProcess(run.cmd, run.proc.returncode, stdout, stderr))
+    return results
+
+
+def run_guarded(cmd: list, cwd: Path, timeout: float = 300, env: dict | None = None):
+    """Run ``cmd`` to its end, or fail the test with its processes' stacks after ``timeout`` seconds."""
+    return Guarded(cmd, cwd, timeout, env).wait()

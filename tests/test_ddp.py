@@ -1,44 +1,155 @@
-"""Lightning's own DDP, for real: two CPU processes started by the CLI."""
+"""Lightning's own DDP, for real and the way users run it: 2 CPU processes started by the CLI, and two
+torchrun "nodes" on this machine. Every run is guarded: one that hangs fails with each rank's stack.
+"""
 
+import ast
+import csv
 import math
-import subprocess
+import os
+import signal
+import socket
 import sys
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mnist_lit.distributed import with_timeout
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import QUICK, subprocess_env
+from tests.helpers import (
+    CONFIGS,
+    QUICK,
+    Guarded,
+    cli,
+    idx_bytes,
+    run_guarded,
+    synthetic_digits,
+    wait_all,
+    write_mnist,
+)
+
+DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+GUARD = 300  # seconds a DDP run may take on a busy 2-core machine before it counts as hung
+N_TEST = 201  # odd: a sampler that pads the two ranks' shares to equal length counts an image twice
+N_VAL = 101
+SINGLE = ["--trainer.accelerator=cpu", "--trainer.devices=1", *QUICK[1:]]
 
 
-def ddp_fit(folder, data_dir, *flags: str) -> subprocess.CompletedProcess:
-    """`python -m mnist_lit fit` on two CPU processes, as a user would start it."""
-    cmd = [
-        sys.executable, "-m", "mnist_lit", "fit", f"--data.data_dir={data_dir}", "--data.val_size=100",
-        *QUICK, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", *flags,
-    ]  # fmt: skip
-    return subprocess.run(cmd, cwd=folder, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+def mnist_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mnist_lit", *args]
+
+
+@pytest.fixture(scope="module")
+def odd_mnist(tmp_path_factory) -> Path:
+    """600 training and 201 test images; a third of the test labels are wrong, so test/acc is neither 0
+    nor 1 and one image counted twice changes it."""
+    root = write_mnist(tmp_path_factory.mktemp("odd_mnist"), n_test=N_TEST)
+    _, labels = synthetic_digits(N_TEST, seed=1)
+    labels[::3] = (labels[::3] + 1) % 10
+    (root / "MNIST/raw/t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    return root
+
+
+def scalars(log_dir: Path) -> dict[str, float]:
+    """The last value of every scalar a run logged."""
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+
+
+def runs(folder: Path) -> list[Path]:
+    return sorted((folder / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_clean(proc, what: str) -> None:
+    assert proc.returncode == 0, f"{what}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_no_log_call_syncs_lazily():
+    # The rule in mnist_lit/distributed.py: sync_dist=True makes Lightning sync wherever the value is
+    # first read, which under DDP is rank 0's progress bar alone: a deadlock.
+    for path in (Path(__file__).parents[1] / "mnist_lit").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "sync_dist":
+                pytest.fail(f"{path.name}:{node.value.lineno}: sync_dist in a log call; see distributed.py")
+
+
+def test_plain_ddp_gets_the_projects_timeout_and_other_strategies_are_kept():
+    for strategy, accelerator, devices, nodes in [
+        ("ddp", "cpu", 2, 1),
+        ("auto", "gpu", "0,1", 1),
+        ("auto", "cpu", 1, 2),
+    ]:
+        assert isinstance(with_timeout(strategy, accelerator, devices, nodes), DDPStrategy)
+    for strategy, accelerator, devices in [("auto", "cpu", 1), ("auto", "auto", "auto"), ("fsdp", "gpu", 2)]:
+        assert with_timeout(strategy, accelerator, devices, 1) == strategy
+    mine = DDPStrategy(timeout=timedelta(hours=1))
+    assert with_timeout(mine, "gpu", 2, 1) is mine
 
 
 @pytest.mark.slow
-def test_two_process_ddp_fit_on_cpu_shards_the_data(tmp_path, mnist_dir):
-    proc = ddp_fit(tmp_path, mnist_dir, "--trainer.max_epochs=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+def test_fit_validate_test_predict_under_ddp_as_users_run_them(workdir, odd_mnist):
+    tmp_path = workdir  # the in-process single-process runs below work here too
+    # fit as the README says, with Lightning's default progress bar and model summary.
+    fit = [
+        "fit", f"--config={CONFIGS / 'mnist.yaml'}", f"--data.data_dir={odd_mnist}",
+        f"--data.val_size={N_VAL}", "--trainer.max_epochs=2",
+    ]  # fmt: skip
+    proc = run_guarded(mnist_cli(*fit, *DDP), tmp_path, GUARD)
+    assert_clean(proc, "fit")
+    assert "Total params" in proc.stdout  # the model summary was on
+    assert proc.stdout.count("Best checkpoint:") == 1  # printed by rank 0 only
     last = load_checkpoint(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")
-    # 500 training images, 100 per batch: one process takes 5 steps per epoch, each of two ranks takes
-    # ceil(250 / 100) = 3, because each rank sees its own half.
+    # 499 training images in batches of 100: one process takes 5 steps an epoch; each of two ranks
+    # takes ceil(250 / 100) = 3, because each trains on its own half.
     assert last["global_step"] == 2 * math.ceil(250 / 100)
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
-    # Only one run folder: the other rank did not claim a version of its own.
-    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    assert [p.name for p in runs(tmp_path)] == ["version_0"]  # the other rank claimed no folder
+
+    # Bare validate/test/predict under DDP: the newest run's best checkpoint, each rank a share.
+    for command in ("validate", "test"):
+        assert_clean(run_guarded(mnist_cli(command, *DDP), tmp_path, GUARD), command)
+    predict = ["predict", "--predictions.output=ddp.csv", *DDP]
+    proc = run_guarded(mnist_cli(*predict), tmp_path, GUARD)
+    assert_clean(proc, "predict")
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["ddp.csv"]  # one file, not one per rank
+    assert proc.stdout.count(f"Predictions for {N_TEST} images written to ddp.csv") == 1
+    ddp_validate, ddp_test = (scalars(run) for run in runs(tmp_path)[1:3])
+
+    # The same checkpoint in one process gives the same numbers: every image counted exactly once.
+    cli("validate", *SINGLE)
+    cli("test", *SINGLE)
+    cli("predict", "--predictions.output=single.csv", *SINGLE)
+    single_validate, single_test = (scalars(run) for run in runs(tmp_path)[4:6])
+    assert 0 < single_test["test/acc"] < 1
+    assert ddp_test["test/acc"] == single_test["test/acc"]
+    assert ddp_validate["val/acc"] == single_validate["val/acc"]
+    assert ddp_test["test/loss"] == pytest.approx(single_test["test/loss"], rel=1e-5)
+    assert ddp_validate["val/loss"] == pytest.approx(single_validate["val/loss"], rel=1e-5)
+    ddp_rows, single_rows = read_csv(tmp_path / "ddp.csv"), read_csv(tmp_path / "single.csv")
+    assert [int(row["index"]) for row in ddp_rows] == list(range(N_TEST))
+    assert [row["digit"] for row in ddp_rows] == [row["digit"] for row in single_rows]
+    for ddp_row, single_row in zip(ddp_rows, single_rows, strict=True):
+        for c in range(10):
+            assert float(ddp_row[f"p{c}"]) == pytest.approx(float(single_row[f"p{c}"]), abs=2e-6)
 
 
 @pytest.mark.slow
 def test_divergence_under_ddp_stops_every_rank_with_one_clear_line(tmp_path, mnist_dir):
     # lr x 1e15 after every epoch: epoch 0 trains normally, epoch 1 sends the loss to NaN on both ranks.
     explode = ["--optimizer=Adam", "--lr_scheduler=ExponentialLR", "--lr_scheduler.gamma=1e15"]
-    proc = ddp_fit(tmp_path, mnist_dir, "--trainer.max_epochs=3", *explode)
+    fit = ["fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100", *QUICK, *DDP]
+    proc = run_guarded(mnist_cli(*fit, "--trainer.max_epochs=3", *explode), tmp_path, GUARD)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
@@ -48,3 +159,103 @@ def test_divergence_under_ddp_stops_every_rank_with_one_clear_line(tmp_path, mni
     kept = load_checkpoint(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")
     assert kept["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_ends_the_run_with_one_line_naming_the_rank(tmp_path, mnist_dir):
+    # Rank 1 stalls before the epoch's collectives; the project's DDP timeout, shortened to 60 s by the
+    # test callback (it also bounds rank 1's start), ends the run: torch's default would wait 30 minutes.
+    stall = ["--trainer.callbacks+=tests.pacing.StallRank", "--trainer.callbacks.timeout_s=60"]
+    fit = ["fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100", *QUICK, *DDP, *stall]
+    started = time.monotonic()
+    proc = run_guarded(mnist_cli(*fit), tmp_path, GUARD)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "rank 0 of 2 waited 60 s for the other ranks in " in errors[0]
+    assert "model.py" in errors[0] and "on_train_epoch_end" in errors[0]  # what rank 0 was doing
+    assert "--trainer.strategy.timeout=" in errors[0]  # how to wait longer
+    assert time.monotonic() - started < GUARD
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_one_run(tmp_path, mnist_dir):
+    # Two torchrun agents on this machine, one process each, are two nodes: c10d rendezvous, shared
+    # data and log folders (as on a cluster's shared filesystem), Lightning's default progress bar.
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=mnist",
+        "-m", "mnist_lit", "fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100",
+        "--trainer.max_epochs=2", "--trainer.num_nodes=2", "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu", "--trainer.devices=1",
+    ]  # fmt: skip
+    nodes = [Guarded(torchrun, tmp_path, GUARD) for _ in range(2)]
+    results = wait_all(nodes)
+    for node, proc in enumerate(results):
+        assert proc.returncode == 0, f"node {node}:\n" + "\n".join(p.stderr[-3000:] for p in results)
+    assert [p.name for p in runs(tmp_path)] == ["version_0"]
+    checkpoints = sorted(p.name for p in (tmp_path / "lightning_logs/version_0/checkpoints").iterdir())
+    assert len(checkpoints) == 2 and "last.ckpt" in checkpoints  # one best, one last: one set
+    last = load_checkpoint(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")
+    # 500 images, batches of 100: each node trained on its own half, 3 steps an epoch instead of 5.
+    assert last["global_step"] == 2 * math.ceil(250 / 100)
+
+
+def stoppable_fit(data_dir: Path) -> list[str]:
+    """500 training images in batches of 20 on two ranks: 13 steps an epoch. Default progress bar."""
+    return [
+        "fit", f"--data.data_dir={data_dir}", "--data.val_size=100", "--data.batch_size=20",
+        "--trainer.max_epochs=2", "--seed_everything=3", *DDP,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tmp_path_factory, mnist_dir) -> dict:
+    """last.ckpt of the same two DDP epochs, run straight through."""
+    folder = tmp_path_factory.mktemp("straight_ddp")
+    assert_clean(run_guarded(mnist_cli(*stoppable_fit(mnist_dir)), folder, GUARD), "uninterrupted fit")
+    return load_checkpoint(folder / "lightning_logs/version_0/checkpoints/last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "whole_group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM-to-launcher", "Ctrl-C-in-terminal"],
+)
+def test_stopped_mid_epoch_under_ddp_saves_a_checkpoint_that_resumes_exactly(
+    tmp_path, mnist_dir, uninterrupted_ddp, signum, whole_group
+):
+    # A scheduler's SIGTERM goes to the launching process; a terminal's Ctrl-C to every process of the job.
+    marker = tmp_path / "epoch1-under-way"
+    pace = ["--trainer.callbacks+=tests.pacing.Pace", f"--trainer.callbacks.marker={marker}"]
+    run = Guarded(mnist_cli(*stoppable_fit(mnist_dir), *pace), tmp_path, GUARD)
+    while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
+        time.sleep(0.02)
+    if whole_group:
+        os.killpg(run.proc.pid, signum)  # the run's own session: its processes are the terminal's job
+    else:
+        run.proc.send_signal(signum)
+    proc = run.wait()
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    stopped = "training stopped by a signal at epoch 1, step "
+    assert errors and all(stopped in line for line in errors), proc.stderr[-3000:]
+    assert f"--ckpt_path={last}" in errors[0]
+    assert 13 < load_checkpoint(last)["global_step"] < 26, "not stopped inside epoch 1"
+
+    proc = run_guarded(mnist_cli(*stoppable_fit(mnist_dir), f"--ckpt_path={last}"), tmp_path, GUARD)
+    assert_clean(proc, "resumed fit")
+    resumed = load_checkpoint(tmp_path / "lightning_logs/version_1/checkpoints/last.ckpt")
+    assert resumed["global_step"] == uninterrupted_ddp["global_step"] == 26
+    for key, value in uninterrupted_ddp["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
