@@ -24,6 +24,7 @@ from mnist_lit.model import MNISTClassifier
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TestReport
 from mnist_lit.runs import check_checkpoint_fits, load_checkpoint, newest_run
+from mnist_lit.serve import serve  # imports LitServe only when the command runs
 from mnist_lit.stats import stats
 from mnist_lit.tracking import EpochTimer, HparamsRow, LearningRateLog, print_fit_summary
 
@@ -157,10 +158,12 @@ class MNISTCLI(LightningCLI):
 
 # `export` and `stats` are not Trainer methods, so LightningCLI cannot host them: each gets a parser of
 # its own, built from its signature and docstring, with the same --help and one-line errors.
-TOOLS = {"export": (export, None), "stats": (stats, "data")}  # command -> (function, flag prefix)
+# command -> (function, flag prefix)
+TOOLS = {"export": (export, None), "stats": (stats, "data"), "serve": (serve, None)}
 TOOLS_HELP = (
     "Train and evaluate the MNIST CNN (fit, validate, test, predict). Also: `export` (the trained model as "
-    "ONNX or TorchScript) and `stats` (the training set's pixel mean and std); add --help to any of them."
+    "ONNX or TorchScript), `stats` (the training set's pixel mean and std) and `serve` (an HTTP API and a "
+    "page to draw digits on); add --help to any of them."
 )
 
 
