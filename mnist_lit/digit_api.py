@@ -118,11 +118,12 @@ class Page:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.page = HTMLResponse((files("mnist_lit") / "page" / "index.html").read_text())
+        self.html = (files("mnist_lit") / "page" / "index.html").read_text()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
-            await self.page(scope, receive, send)
+            # A response per request: the gzip middleware rewrites the headers of the one it sends.
+            await HTMLResponse(self.html)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
