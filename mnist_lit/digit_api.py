@@ -9,6 +9,7 @@ only stacks the 28x28 digits of requests that arrived together and runs one forw
 
 import base64
 import binascii
+import signal
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -136,6 +137,9 @@ class DigitAPI(ls.LitAPI):
         self.checkpoint = checkpoint
 
     def setup(self, device: str) -> None:
+        # Ctrl-C reaches every process of the terminal's group; LitServe's main process stops this one,
+        # which would otherwise print a KeyboardInterrupt traceback from inside LitServe's queue.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.device = torch.device(device)
         if self.device.type == "cpu":
             # Batching is this server's parallelism; threads inside ops this small mostly wait for each
