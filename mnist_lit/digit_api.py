@@ -34,7 +34,7 @@ class DigitRequest(BaseModel):
     """The body of ``POST /predict``; validating it decodes the image into the digit the network sees."""
 
     image: str = Field(description="base64 of a PNG or JPEG file (a data: URL is accepted too)")
-    _digit: bytes = PrivateAttr(b"")  # (1, 28, 28) uint8, MNIST-style: small to pass to the worker
+    _digit: bytes = PrivateAttr(b"")  # the MNIST-style digit's uint8 pixels: small to pass to the worker
 
     @model_validator(mode="after")
     def _decode(self) -> "DigitRequest":
@@ -50,11 +50,11 @@ class DigitRequest(BaseModel):
         except UnidentifiedImageError:
             raise ValueError('"image" is not an image file: send the base64 of a PNG or JPEG file') from None
         except ValueError as err:  # mnist_style: a blank canvas, a flat picture
-            raise ValueError(f'"image" shows no digit: {err}') from None
+            raise ValueError(f'"image" shows no digit: {str(err).removeprefix("no digit found: ")}') from None
         # PIL's decoders fail in more ways than they document: any failure here is the upload's fault.
         except Exception as err:
             reason = (str(err).splitlines() or [""])[0] or err.__class__.__name__
-            raise ValueError(f'"image" could not be decoded ({reason}): is the file complete?') from None
+            raise ValueError(f'"image" could not be decoded as a PNG or JPEG: {reason}') from None
         self._digit = digit.numpy().tobytes()
         return self
 
@@ -137,13 +137,11 @@ class DigitAPI(ls.LitAPI):
         self.checkpoint = checkpoint
 
     def setup(self, device: str) -> None:
-        # Ctrl-C reaches every process of the terminal's group; LitServe's main process stops this one,
-        # which would otherwise print a KeyboardInterrupt traceback from inside LitServe's queue.
+        # Ctrl-C reaches the whole process group; the main process stops this worker without a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            # Batching is this server's parallelism; threads inside ops this small mostly wait for each
-            # other and for the HTTP process (a batch of 1 took 40x longer with them on a busy machine).
+            # Batching is the parallelism here: intra-op threads on tensors this small mostly wait.
             torch.set_num_threads(1)
         self.model = from_checkpoint(self.checkpoint).to(self.device)
         print(f"serve: {self.checkpoint.name} loaded on {device}", flush=True)
@@ -156,7 +154,7 @@ class DigitAPI(ls.LitAPI):
 
     @torch.inference_mode()
     def predict(self, digits: torch.Tensor) -> dict | list[dict]:
-        single = digits.dim() == 3  # --max_batch_size 1: LitServe passes each digit on its own
+        single = digits.dim() == 3  # unbatched: LitServe passes each digit on its own
         batch = digits[None] if single else digits
         start = time.perf_counter()
         # The same scaling as training's (data.py's normalize); the model holds the mean and std.
@@ -187,8 +185,7 @@ def run_server(
     max_body_bytes: int,
 ) -> None:
     """Start LitServe (blocks until Ctrl-C or SIGTERM)."""
-    # The HTTP processes (forked from this one) decode one small image per request: parallel torch ops
-    # there only fight the inference worker for the cores (a decode took 7x longer with them when busy).
+    # The forked HTTP processes decode one image per request: intra-op threads there only contend for cores.
     torch.set_num_threads(1)
     api = DigitAPI(checkpoint, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     limit = (BodyLimit, {"max_bytes": max_body_bytes})

@@ -105,7 +105,7 @@ def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             return response.status == 200
-    except OSError:  # refused while starting, or 503 until the inference worker is ready
+    except OSError:  # refused while starting, or not ready until the inference worker is
         return False
 
 

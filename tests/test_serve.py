@@ -107,7 +107,7 @@ def check_answer(answer: dict, want: dict) -> None:
     assert torch.allclose(logits.softmax(0), probabilities, atol=1e-6)
     assert abs(float(probabilities.sum()) - 1) < 1e-5
     assert answer["digit"] == int(logits.argmax()) == want["digit"]
-    assert probabilities.tolist() == pytest.approx(want["probabilities"], abs=2e-6)  # the CSV has 6 decimals
+    assert probabilities.tolist() == pytest.approx(want["probabilities"], abs=2e-6)  # the CSV rounds
 
 
 def test_served_answers_equal_predict_for_the_same_files(server, expected):
@@ -172,7 +172,7 @@ def test_200_concurrent_requests_are_all_answered_and_batched(server, expected):
     start = threading.Barrier(len(jobs))
 
     def ask(name: str) -> tuple[str, requests.Response]:
-        start.wait(timeout=120)  # all 200 threads send at once
+        start.wait(timeout=120)  # all threads send at once
         return name, post(server, bodies[name])
 
     began = time.perf_counter()

@@ -26,7 +26,7 @@ BROWSER_ARGS = [
 ]  # fmt: skip
 REAL = (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
-# A 7 and a 1 as strokes of points, in fractions of the canvas.
+# Digits as strokes of points, in fractions of the canvas.
 SEVEN = [[(0.25, 0.22), (0.75, 0.22), (0.62, 0.45), (0.45, 0.82)], [(0.38, 0.52), (0.68, 0.52)]]
 ONE = [[(0.45, 0.28), (0.55, 0.18), (0.55, 0.82)]]
 SHOWN = "document.getElementById('result').dataset.shown === document.getElementById('pad').dataset.version"
