@@ -237,10 +237,12 @@ class MNISTCLI(LightningCLI):
 TOOLS = {  # command -> (module, function, flag prefix)
     "export": ("mnist_lit.export", "export", None),
     "stats": ("mnist_lit.stats", "stats", "data"),
+    "serve": ("mnist_lit.serve", "serve", None),
 }
 TOOLS_HELP = (
     "Train and evaluate the MNIST CNN (fit, validate, test, predict). Also: `export` (the trained model as "
-    "ONNX or TorchScript) and `stats` (the training set's pixel mean and std); add --help to any of them."
+    "ONNX or TorchScript), `stats` (the training set's pixel mean and std) and `serve` (an HTTP API and a "
+    "page to draw digits on); add --help to any of them."
 )
 
 

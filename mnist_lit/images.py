@@ -1,4 +1,4 @@
-"""The user's own digit images, turned into MNIST-style 28x28 uint8 tensors for ``predict``.
+"""The user's own digit images, turned into MNIST-style 28x28 uint8 tensors for ``predict`` and ``serve``.
 
 MNIST was made from scanned digits by: keeping the digit's bounding box, fitting it into 20x20 with
 its aspect ratio kept (anti-aliased, hence the grey edges), and placing it in 28x28 so that its centre
@@ -6,6 +6,7 @@ of mass is the centre. Digits are bright on black. :func:`mnist_style` repeats t
 photo of a digit on paper looks to the network like the digits it was trained on.
 """
 
+import io
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ BOX = 20  # the digit's bounding box is fitted into BOX x BOX
 # After stretching background to 0 and the brightest ink to 255, ink is what is above this: low enough
 # to keep a thin pencil stroke, high enough that JPEG noise and paper texture do not widen the box.
 INK = 64
+# What a file that is not a readable picture of a digit raises, from PIL's decoders or from mnist_style
+# (PIL's PNG decoder raises SyntaxError for a broken chunk).
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def image_files(path: Path) -> list[Path]:
@@ -39,9 +43,12 @@ def image_files(path: Path) -> list[Path]:
     return files
 
 
-def read_grey(path: Path) -> torch.Tensor:
-    """Decode any PIL-readable image into (1, H, W) uint8 grey; transparency is laid on white paper."""
-    with Image.open(path) as image:
+def read_grey(source: Path | bytes) -> torch.Tensor:
+    """Decode any PIL-readable image (a file, or its bytes) into (1, H, W) uint8 grey.
+
+    Transparency is laid on white paper.
+    """
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         image = ImageOps.exif_transpose(image)  # phone photos store their rotation as a tag
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             paper = Image.new("RGBA", image.size, "white")
@@ -83,6 +90,14 @@ def mnist_style(grey: torch.Tensor) -> torch.Tensor:
     return canvas.round().to(torch.uint8)
 
 
+def mnist_digit(source: Path | bytes) -> torch.Tensor:
+    """An image file, or its bytes, as the (1, 28, 28) uint8 digit the network sees.
+
+    The one preprocessing of ``predict --data.predict_path`` and ``serve``; raises one of UNREADABLE.
+    """
+    return mnist_style(read_grey(source))
+
+
 def load_digits(path: Path) -> tuple[torch.Tensor, list[Path]]:
     """MNIST-style images (N, 1, 28, 28) uint8 of every readable image at ``path``, and their files.
 
@@ -92,9 +107,9 @@ def load_digits(path: Path) -> tuple[torch.Tensor, list[Path]]:
     images, readable = [], []
     for file in files:
         try:
-            images.append(mnist_style(read_grey(file)))
+            images.append(mnist_digit(file))
             readable.append(file)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        except UNREADABLE as err:
             print(f"mnist_lit: skipped {file}: {first_line(err)}", file=sys.stderr)
     if not images:
         raise UserError(

@@ -1,13 +1,18 @@
-"""Helpers the tests share: tiny MNIST folders in the real IDX format, and ways to drive the real CLI."""
+"""Helpers the tests share: tiny MNIST folders in the real IDX format, ways to drive the real CLI, and the
+real server in a subprocess."""
 
 import contextlib
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +184,58 @@ def wait_all(runs: list[Guarded]) -> list[subprocess.CompletedProcess]:
 def run_guarded(cmd: list, cwd: Path, timeout: float = 300, env: dict | None = None):
     """Run ``cmd`` to its end, or fail the test with its processes' stacks after ``timeout`` seconds."""
     return Guarded(cmd, cwd, timeout, env).wait()
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    log: Path  # the server's stdout and stderr
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:  # refused while starting, or not ready until the inference worker is
+        return False
+
+
+@contextlib.contextmanager
+def running_server(folder: Path, *args: str, timeout: float = 300) -> Iterator[Server]:
+    """`python -m mnist_lit serve ARGS` in a subprocess inside ``folder``, on a free port, until /health
+    says ok; stopped (with LitServe's worker processes) when the block ends, whatever happened."""
+    port = free_port()
+    log = folder / f"serve_{port}.log"
+    command = [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}", *args]
+    with log.open("wb") as out:
+        # A session of its own, so that the server and the workers it spawns are stopped together.
+        process = subprocess.Popen(
+            command, cwd=folder, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    server = Server(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(server.url):
+            if process.poll() is not None:
+                pytest.fail(f"serve exited ({process.returncode}) before /health said ok:\n{server.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve's /health did not say ok within {timeout} s:\n{server.output()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # workers that outlived the main process
+                os.killpg(process.pid, signal.SIGKILL)

@@ -1,0 +1,82 @@
+"""``python -m mnist_lit serve``: the trained model behind an HTTP API, and a page to draw digits on.
+
+This is the part the CLI imports: it checks the flags, the checkpoint and the port, and only then
+imports LitServe (``digit_api.py``), so that no other command pays for FastAPI and uvicorn at start-up.
+"""
+
+import errno
+import importlib.util
+import socket
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+
+from mnist_lit.errors import UserError
+from mnist_lit.export import from_checkpoint
+from mnist_lit.runs import newest_run
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise UserError, in one line, unless a server could listen on ``host``:``port`` now."""
+    if not 1024 <= port <= 65535:
+        raise UserError(f"--port {port} is not between 1024 and 65535: choose a port in that range")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds, so the same rules
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"--port {port} is already in use on {host}: stop what listens there, or choose "
+                    "another --port"
+                ) from None
+            raise UserError(f"cannot listen on {host} port {port}: {err.strerror}") from None
+
+
+def serve(
+    ckpt_path: str | None = None,
+    host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: PositiveInt = 64,
+    batch_timeout: NonNegativeFloat = 0.005,
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto",
+    max_body_mb: PositiveFloat = 10.0,
+) -> None:
+    """Serve a trained model over HTTP: POST /predict, GET /health, and a page at / to draw digits on.
+
+    Args:
+        ckpt_path: checkpoint to serve; default the best checkpoint of the newest run in ./lightning_logs.
+        host: address to listen on: 127.0.0.1 (this machine only), or 0.0.0.0 / :: (every network
+            interface: anyone who can reach this machine can use the server; see README).
+        port: TCP port, 1024 to 65535.
+        max_batch_size: most requests that one forward pass predicts together.
+        batch_timeout: seconds the first request of a batch waits for others to join it.
+        accelerator: where the model runs: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
+        max_body_mb: largest request body accepted, in megabytes; a larger one gets 413, unread.
+    """
+    if importlib.util.find_spec("litserve") is None:
+        raise UserError("serve needs LitServe: pip install 'mnist_lit[serve]'")
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise UserError("--accelerator cuda, but no CUDA GPU is available: use --accelerator cpu or auto")
+    if ckpt_path is None:
+        checkpoint, score = newest_run(Path("lightning_logs")).best_checkpoint()
+        print(f"serve: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
+    else:
+        checkpoint = Path(ckpt_path)
+    from_checkpoint(checkpoint)  # a bad file ends here in one line, not in a worker process's traceback
+    check_port_free(host, port)
+
+    from mnist_lit.digit_api import run_server  # LitServe, FastAPI and uvicorn: only for this command
+
+    run_server(
+        checkpoint.resolve(),
+        host=host,
+        port=port,
+        max_batch_size=max_batch_size,
+        batch_timeout=batch_timeout,
+        accelerator=accelerator,
+        max_body_bytes=int(max_body_mb * 2**20),
+    )
