@@ -29,6 +29,7 @@ from mnist_lit.faults import (
 )
 from mnist_lit.logger import RunLogger
 from mnist_lit.model import MNISTClassifier
+from mnist_lit.precision import apply_bf16_where_native
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TestReport
 from mnist_lit.runs import Run, check_checkpoint_fits, epochs_completed, load_checkpoint, newest_run
@@ -125,6 +126,13 @@ class MNISTCLI(LightningCLI):
             parser.add_lightning_class_args(TestReport, "test_report")
         elif parser.command == "predict":
             parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument(
+            "--bf16_where_native",
+            type=bool,
+            default=False,
+            help="When --trainer.precision is not set: bf16-mixed where the device computes bf16 natively "
+            "(CUDA compute capability >= 8.0, CPUs with AMX or AVX512-BF16), 32-true elsewhere.",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -153,6 +161,7 @@ class MNISTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         command = self.subcommand
+        apply_bf16_where_native(self.config[command] if command else self.config)  # precision.py
         trainer = self.config[command].trainer if command else self.config.trainer
         logger = trainer.logger
         if getattr(logger, "class_path", None) != RUN_LOGGER:

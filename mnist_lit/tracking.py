@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.table import Table
-from torch.utils.tensorboard.summary import hparams
 
 from mnist_lit.runs import Run
 
@@ -60,6 +59,9 @@ class HparamsRow(Callback):
             seed = run.seed() if run else None  # the seed it was trained with
             params.pop("seed", None) if seed is None else params.update(seed=seed)
         params = {k: _hparam_value(v) for k, v in params.items() if k[0] != "_"}
+        # Imported here, where a run logs: it loads tensorboard (and boto3), which --help does not need.
+        from torch.utils.tensorboard.summary import hparams
+
         summaries = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))
         # The checkpoint's best val/acc, restored with its weights (a fit run logs its own as it goes).
         best = getattr(pl_module, "val_acc_best", None)

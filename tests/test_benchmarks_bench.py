@@ -45,3 +45,28 @@ def test_bench_without_mnist_is_one_clear_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"benchmarks.bench: error: --data-dir {tmp_path} has no MNIST/raw/ folder"
     ]
+
+
+@pytest.mark.slow
+def test_startup_reports_each_fixed_cost(tmp_path, mnist_dir):
+    out = tmp_path / "startup.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.startup", f"--data-dir={mnist_dir}", "--val-size=100",
+            "--repeat=1", f"--output={out}",
+        ],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rounds"] == len(report["per_round"]) == 1
+    (round_,) = report["per_round"]
+    assert round_["floor_s"] > 0 and round_["help_s"] > 0 and round_["fit_epochs_s"] > 0
+    assert round_["help_vs_floor"] == pytest.approx(round_["help_s"] / round_["floor_s"])
+    assert round_["test_over_floor_s"] == pytest.approx(round_["test_s"] - round_["floor_s"])
+    assert round_["fit_over_epochs_s"] == pytest.approx(round_["fit_s"] - round_["fit_epochs_s"])
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"machine: {report['machine']}" and "flags: " in lines[0]
+    for figure in ("--help / floor", "bare test: wall - floor", "fit: wall - epochs"):
+        assert any(line.startswith(f"| {figure} |") for line in lines), figure
+    assert not (tmp_path / "lightning_logs").exists()  # the runs stay in the benchmark's scratch folder

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from mnist_lit.precision import precision_for
 from tests.helpers import CONFIGS, QUICK, cli, fit_args, write_mnist
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -58,7 +59,7 @@ def test_a_gpu_checkpoint_tests_and_exports_on_the_cpu(workdir, mnist_dir, capsy
 
 @pytest.mark.parametrize("recipe", ["mnist.yaml", "fast.yaml"])
 def test_each_recipe_trains_on_the_gpu(workdir, mnist_dir, capsys, recipe):
-    # fast.yaml is bf16-mixed, the precision GPUs since Ampere run natively.
+    # fast.yaml chooses bf16-mixed on GPUs since Ampere, which run it natively (precision.py).
     cli(
         "fit",
         f"--config={CONFIGS / recipe}",
@@ -67,6 +68,8 @@ def test_each_recipe_trains_on_the_gpu(workdir, mnist_dir, capsys, recipe):
         *QUICK,
         *GPU,
     )
-    assert "Best checkpoint:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Best checkpoint:" in out
+    assert (f"precision: {precision_for('gpu')[0]} (" in out) == (recipe == "fast.yaml")
     cli("test", *QUICK[1:], *GPU)
     assert "test/acc " in capsys.readouterr().out
