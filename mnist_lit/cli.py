@@ -192,6 +192,11 @@ def main(args: ArgsType = None) -> None:
         if isinstance(argv, list) and argv and argv[0] in TOOLS:
             run_tool(argv)
             return
+        if isinstance(argv, list) and argv and argv[0] == "tune":
+            from mnist_lit.tune import tune  # here, not at the top: only tune pays Optuna's import time
+
+            tune(argv[1:])
+            return
         MNISTCLI(
             MNISTClassifier,
             MNISTDataModule,
