@@ -2,6 +2,9 @@
 
 import os
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +76,29 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
+
+
+def run_command(cwd: Path, *args: str, timeout: float = 600) -> str:
+    """`python -m mnist_lit ARGS` in a subprocess inside ``cwd``; its stdout and stderr together.
+
+    Fails the test, with the output's end, when the command fails or runs past ``timeout``.
+    """
+    cmd = [sys.executable, "-m", "mnist_lit", *args]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{' '.join(args)} ran past {timeout} s:\n{(err.output or b'')[-5000:]}")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return proc.stdout
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``path`` exists, failing with the output if ``proc`` ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
