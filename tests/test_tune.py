@@ -153,6 +153,18 @@ def test_two_workers_share_one_journal_study(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
+def test_n_jobs_workers_share_the_default_sqlite_study(tmp_path, mnist_dir):
+    search = write_search(tmp_path, {"params": SEARCH["params"], "pruner": {"name": "none"}})
+    output = run_command(tmp_path, *tune_args(mnist_dir, search, 4, "--n_jobs=2", *QUICK[1:]))
+    trials = trials_of(f"sqlite:///{tmp_path / 'tune/search/study.db'}")
+    assert sorted(t.number for t in finished(trials)) == [0, 1, 2, 3], output[-5000:]
+    # The second worker ran the same study (whether it got a trial depends on how fast it started).
+    log = (tmp_path / "tune/search/worker_1.log").read_text()
+    assert "worker 1: pid" in output and "study 'search' in tune/search/" in log, log[-3000:]
+    assert "study 'search': 4 finished trials" in output
+
+
+@pytest.mark.slow
 def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mnist_dir):
     search = write_search(tmp_path, {"params": SEARCH["params"], "pruner": {"name": "none"}})
     marker = tmp_path / "epoch1-under-way"
