@@ -27,7 +27,7 @@ EPOCH_TIME_TAG = "time/epoch_s"
 class HparamsRow(Callback):
     """Gives each ``fit`` and ``test`` run a row in TensorBoard's HPARAMS tab.
 
-    A fit run's row holds its model and data settings and seed. A test run's row holds those of the
+    A fit run's row holds its model and data settings, epochs and seed. A test run's row holds those of the
     checkpoint it tested (read from the checkpoint, so ``--ckpt_path`` to any run is described right),
     the checkpoint's path, and the checkpoint's ``val/acc_best`` next to the ``test/acc`` it measured.
     """
@@ -36,6 +36,7 @@ class HparamsRow(Callback):
         params = {**pl_module.hparams_initial}
         if trainer.datamodule is not None:
             params.update(trainer.datamodule.hparams_initial)
+        params["max_epochs"] = trainer.max_epochs  # a setting of the recipe too, and one that tune searches
         if "PL_GLOBAL_SEED" in os.environ:  # set by seed_everything, which the CLI always calls
             params["seed"] = int(os.environ["PL_GLOBAL_SEED"])
         self._write(trainer, params, "fit")
@@ -52,7 +53,11 @@ class HparamsRow(Callback):
         }
         config = Path(trainer.ckpt_path).parent.parent / "config.yaml"  # the run that wrote the checkpoint
         if config.is_file():
-            seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+            settings = yaml.safe_load(config.read_text()) or {}
+            epochs = (settings.get("trainer") or {}).get("max_epochs")
+            if isinstance(epochs, int):
+                params["max_epochs"] = epochs
+            seed = settings.get("seed_everything")
             if isinstance(seed, int):
                 params["seed"] = seed
         self._write(trainer, params, "test")
