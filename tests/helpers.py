@@ -90,7 +90,8 @@ def run_command(cwd: Path, *args: str, timeout: float = 600) -> str:
             timeout=timeout,
         )  # fmt: skip
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{' '.join(args)} ran past {timeout} s:\n{(err.output or b'')[-5000:]}")
+        output = err.output.decode(errors="replace") if isinstance(err.output, bytes) else err.output or ""
+        pytest.fail(f"{' '.join(args)} ran past {timeout} s:\n{output[-5000:]}")
     assert proc.returncode == 0, proc.stdout[-5000:]
     return proc.stdout
 

@@ -260,13 +260,21 @@ def test_missing_search_file_and_bad_storage(workdir, mnist_dir):
     assert "--storage /no/such/folder/study.log: folder /no/such/folder does not exist" in message
 
 
+def run_process(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to its end; past TIMEOUT the test fails with what it had printed."""
+    try:
+        env = subprocess_env()
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        streams = (err.stdout, err.stderr)
+        out, errors = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in streams)
+        pytest.fail(f"{cmd} ran past {TIMEOUT} s:\n{out[-3000:]}\n{errors[-3000:]}")
+
+
 @pytest.mark.slow
 def test_bad_input_from_the_shell_is_one_line_without_traceback(tmp_path, mnist_dir):
     search = write_search(tmp_path, {"params": {"model.lr": {"low": 0, "high": 0.1, "log": True}}})
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_lit", *tune_args(mnist_dir, search, 2)],
-        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT,
-    )  # fmt: skip
+    proc = run_process([sys.executable, "-m", "mnist_lit", *tune_args(mnist_dir, search, 2)], tmp_path)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mnist_lit: error: {search}: model.lr:"), proc.stderr
@@ -279,8 +287,5 @@ def test_other_commands_do_not_import_optuna(tmp_path):
         "try:\n    main(['fit', '--print_config'])\nexcept SystemExit:\n    pass\n"
         "print('optuna' in sys.modules)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
-        timeout=TIMEOUT,
-    )  # fmt: skip
+    proc = run_process([sys.executable, "-c", code], tmp_path)
     assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout[-2000:] + proc.stderr[-2000:]
