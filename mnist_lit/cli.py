@@ -91,7 +91,7 @@ def readable(message: str) -> str:
         text = text[: union.start()] + f"expected {expected}, got {union['value'].strip()!r}"
     command = BAD_COMMAND.search(text)
     if command:
-        commands = ", ".join([*LightningCLI.subcommands(), *TOOLS])
+        commands = ", ".join([*LightningCLI.subcommands(), *TOOLS, "tune"])
         text = f"unknown command {command['command']!r}: choose from {commands}"
     return text
 
@@ -288,6 +288,11 @@ def main(args: ArgsType = None) -> None:
     try:
         if isinstance(argv, list) and argv and argv[0] in TOOLS:
             run_tool(argv)
+            return
+        if isinstance(argv, list) and argv and argv[0] == "tune":
+            from mnist_lit.tune import tune  # here, not at the top: only tune pays Optuna's import time
+
+            tune(argv[1:])
             return
         MNISTCLI(
             MNISTClassifier,

@@ -51,13 +51,16 @@ class HparamsRow(Callback):
         params = {"command": command, **pl_module.hparams_initial}
         if trainer.datamodule is not None:
             params.update(trainer.datamodule.hparams_initial)
+        params["max_epochs"] = trainer.max_epochs  # a setting of the recipe too, and one that tune searches
         if "PL_GLOBAL_SEED" in os.environ:  # set by seed_everything, which the CLI always calls
             params["seed"] = int(os.environ["PL_GLOBAL_SEED"])
         if command != "fit" and trainer.ckpt_path:
             params["ckpt_path"] = str(trainer.ckpt_path)
             run = Run.of_checkpoint(Path(trainer.ckpt_path))
-            seed = run.seed() if run else None  # the seed it was trained with
+            seed = run.seed() if run else None  # the seed and epochs it was trained with
             params.pop("seed", None) if seed is None else params.update(seed=seed)
+            epochs = (run.settings("trainer") if run else {}).get("max_epochs")
+            params.pop("max_epochs") if epochs is None else params.update(max_epochs=epochs)
         params = {k: _hparam_value(v) for k, v in params.items() if k[0] != "_"}
         # Imported here, where a run logs: it loads tensorboard (and boto3), which --help does not need.
         from torch.utils.tensorboard.summary import hparams

@@ -239,3 +239,28 @@ def running_server(folder: Path, *args: str, timeout: float = 300) -> Iterator[S
         finally:
             with contextlib.suppress(ProcessLookupError):  # workers that outlived the main process
                 os.killpg(process.pid, signal.SIGKILL)
+def run_command(cwd: Path, *args: str, timeout: float = 600) -> str:
+    """`python -m mnist_lit ARGS` in a subprocess inside ``cwd``; its stdout and stderr together.
+
+    Fails the test, with the output's end, when the command fails or runs past ``timeout``.
+    """
+    cmd = [sys.executable, "-m", "mnist_lit", *args]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as err:
+        output = err.output.decode(errors="replace") if isinstance(err.output, bytes) else err.output or ""
+        pytest.fail(f"{' '.join(args)} ran past {timeout} s:\n{output[-5000:]}")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return proc.stdout
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``path`` exists, failing with the output if ``proc`` ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

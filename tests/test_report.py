@@ -57,6 +57,7 @@ def test_fit_run_has_an_hparams_row_with_real_metric_columns(fit_and_test):
     params, metrics = hparams_row(fit)
     assert params["command"] == "fit" and params["lr"] == pytest.approx(0.002)
     assert params["lr_schedule"] == "onecycle" and params["data_dir"] == data_dir and params["seed"] == 42
+    assert params["max_epochs"] == 2
     assert metrics == ["val/acc_best", "test/acc"]
     # The columns are filled from the run's own scalars; no placeholder is logged.
     assert "hp_metric" not in fit.Tags()["scalars"] and len(scalar(fit, "val/acc_best")) == 2
@@ -68,7 +69,7 @@ def test_test_run_row_describes_the_checkpoint_it_tested(fit_and_test):
     params, metrics = hparams_row(test)
     checkpoint = Path(params["ckpt_path"])
     assert params["command"] == "test" and checkpoint.parent == Path("lightning_logs/version_0/checkpoints")
-    assert params["lr"] == pytest.approx(0.002) and params["seed"] == 42
+    assert params["lr"] == pytest.approx(0.002) and params["seed"] == 42 and params["max_epochs"] == 2
     assert metrics == ["val/acc_best", "test/acc"]
     # val/acc_best of the tested checkpoint (its file name carries val/acc), beside the test/acc it got.
     best_in_name = float(checkpoint.stem.split("val_acc")[1])
