@@ -250,8 +250,8 @@ TOOLS = {  # command -> (module, function, flag prefix)
 }
 TOOLS_HELP = (
     "Train and evaluate the MNIST CNN (fit, validate, test, predict). Also: `export` (the trained model as "
-    "ONNX or TorchScript), `stats` (the training set's pixel mean and std) and `serve` (an HTTP API and a "
-    "page to draw digits on); add --help to any of them."
+    "ONNX or TorchScript), `stats` (the training set's pixel mean and std), `serve` (an HTTP API and a "
+    "page to draw digits on) and `tune` (hyperparameter search with Optuna); add --help to any of them."
 )
 
 
