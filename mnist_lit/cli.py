@@ -277,6 +277,35 @@ QUIET = (
 )
 
 
+def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) -> MNISTCLI:
+    """The project's LightningCLI: its Trainer defaults (logger, the callbacks every run carries, plus
+    ``callbacks``) and parsers; with ``run=False``, a ``fit`` whose classes are built but not run (tune)."""
+    per_command = {command: {"command": command} for command in LightningCLI.subcommands()}
+    return MNISTCLI(
+        MNISTClassifier,
+        MNISTDataModule,
+        seed_everything_default=42,
+        trainer_defaults={
+            "max_epochs": 10,
+            "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": "."}},
+            "callbacks": [
+                StopOnDivergence(),
+                GracefulInterrupt(),
+                HparamsRow(),
+                EpochTimer(),
+                DiscardFailedRun(),
+                EndStalledRanks(),
+                *callbacks,
+            ],
+        },
+        save_config_kwargs={"overwrite": False},
+        args=args,
+        run=run,
+        parser_class=CommandParser,
+        parser_kwargs={"prog": PROG, "description": TOOLS_HELP, **per_command} if run else {"command": "fit"},
+    )
+
+
 def main(args: ArgsType = None) -> None:
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
@@ -294,31 +323,7 @@ def main(args: ArgsType = None) -> None:
 
             tune(argv[1:])
             return
-        MNISTCLI(
-            MNISTClassifier,
-            MNISTDataModule,
-            seed_everything_default=42,
-            trainer_defaults={
-                "max_epochs": 10,
-                "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": "."}},
-                "callbacks": [
-                    StopOnDivergence(),
-                    GracefulInterrupt(),
-                    HparamsRow(),
-                    EpochTimer(),
-                    DiscardFailedRun(),
-                    EndStalledRanks(),
-                ],
-            },
-            save_config_kwargs={"overwrite": False},
-            args=args,
-            parser_class=CommandParser,
-            parser_kwargs={
-                "prog": PROG,
-                "description": TOOLS_HELP,
-                **{command: {"command": command} for command in LightningCLI.subcommands()},
-            },
-        )
+        build_cli(args)
     except UserError as err:
         sys.exit(f"mnist_lit: error: {err}")
     except RuntimeError as err:  # DDP ranks that stopped agreeing; anything else is a bug: traceback

@@ -33,12 +33,9 @@ from optuna_integration import PyTorchLightningPruningCallback
 from rich.console import Console
 from rich.table import Table
 
-from mnist_lit.cli import MNISTCLI, RUN_LOGGER, OneLineErrorParser
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.cli import MNISTCLI, RUN_LOGGER, CommandParser, build_cli
 from mnist_lit.errors import UserError
-from mnist_lit.faults import GracefulInterrupt, StopOnDivergence, TrainingDiverged
-from mnist_lit.model import MNISTClassifier
-from mnist_lit.tracking import EpochTimer, HparamsRow, LearningRateLog
+from mnist_lit.faults import TrainingDiverged
 
 METRIC = "val/acc"  # reported after every epoch (pruning); a trial's value is its best, val/acc_best
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -149,27 +146,7 @@ def build_fit(args: list[str], callbacks: list | None = None) -> MNISTCLI:
 
 
 def _build_fit(args: list[str], callbacks: list | None) -> MNISTCLI:
-    return MNISTCLI(
-        MNISTClassifier,
-        MNISTDataModule,
-        seed_everything_default=42,
-        trainer_defaults={
-            "max_epochs": 10,
-            "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": "."}},
-            "callbacks": [
-                StopOnDivergence(),
-                GracefulInterrupt(),
-                HparamsRow(),
-                EpochTimer(),
-                LearningRateLog(logging_interval="step"),
-                *(callbacks or []),
-            ],
-        },
-        save_config_kwargs={"overwrite": False},
-        args=args,
-        run=False,
-        parser_class=OneLineErrorParser,
-    )
+    return build_cli(args, run=False, callbacks=tuple(callbacks or ()))
 
 
 @contextmanager
@@ -522,8 +499,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def tune_parser() -> OneLineErrorParser:
-    parser = OneLineErrorParser(prog="python -m mnist_lit tune", description=DESCRIPTION)
+def tune_parser() -> CommandParser:
+    parser = CommandParser(prog="python -m mnist_lit tune", description=DESCRIPTION)
     add = parser.add_argument
     add("--search", type=str, required=True, help="YAML file of the search space (see configs/search.yaml).")
     add("--n_trials", type=PositiveInt, default=20, help="Finished trials the study is to have in all.")
