@@ -2,10 +2,10 @@
 
 glibc's malloc serves large blocks (128 KiB and up, a threshold it raises as such blocks are freed)
 with mmap and returns them to the kernel on free, and it trims the heap's free top back to the kernel
-too. A CPU training step allocates and frees its activations dozens of times (the first convolution's
-output alone is 5 MB at batch 100), so every step faulted in ~1,500 freshly zeroed pages: about 15%
-of a step on the benchmark's 2-core CPU. With the mmap threshold at its ceiling and trimming off,
-freed blocks are reused instead: the same arithmetic, on memory already mapped. PyTorch's CPU tuning
+too. A CPU training step allocates and frees its activations dozens of times, so every step faulted
+in freshly zeroed pages for them (docs/performance.md has the counts and the time it cost). With the
+mmap threshold at its ceiling and trimming off, freed blocks are reused instead: the same arithmetic,
+on memory already mapped. PyTorch's CPU tuning
 guide gets this by preloading jemalloc or tcmalloc, which needs a system library and an environment
 variable set before Python starts; glibc's own ``mallopt`` does it from inside the process.
 """

@@ -22,7 +22,7 @@ class ConvNet(nn.Module):
     Each block max-pools before its ReLU. The two commute (ReLU is monotone: the rectified maximum is the
     maximum of the rectified values, and the gradient reaches the same element), so outputs and
     gradients are bit-identical to the notebook's conv, BN, ReLU, pool order (tests/test_model.py checks
-    it), while the ReLU and its backward touch a quarter of the values: ~13% of a CPU step. The
+    it), while the ReLU and its backward touch a quarter of the values (docs/performance.md). The
     parameters and checkpoint keys are the same in either order.
     """
 
@@ -80,13 +80,13 @@ class MNISTClassifier(L.LightningModule):
             self.net.compile()  # in place: state_dict keys stay those of the plain ConvNet
         # One metric object per stage so their states never mix (validation runs inside fit). They are
         # updated every step and computed once per epoch: logging a Metric object itself makes Lightning
-        # move it to the device on every self.log call, about 5% of a CPU training step.
+        # move it to the device on every self.log call.
         # nan_strategy="disable": the default NaN check reads the loss back to the host (two GPU syncs a
         # step); a NaN loss is StopOnDivergence's business (faults.py), and would show in the mean anyway.
         self.train_loss, self.val_loss, self.test_loss = (
             MeanMetric(nan_strategy="disable") for _ in range(3)
         )
-        # validate_args=False: the per-batch input checks cost a device sync and ~1% of a CPU step.
+        # validate_args=False: the per-batch input checks cost a device sync.
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False) for _ in range(3)
         )
@@ -167,7 +167,7 @@ class MNISTClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         # fused: one kernel for all of Adam's per-parameter updates (CPU and CUDA), the same arithmetic as
-        # the default loop over parameters, ~6% of a CPU step faster.
+        # the default loop over parameters, and faster.
         optimizer = torch.optim.Adam(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True
         )
