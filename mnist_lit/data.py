@@ -1,9 +1,10 @@
 """MNIST as uint8 tensors in memory: batches are built by one indexing op and normalized on the device.
 
 The seed notebook used torchvision's per-image ``ToTensor() + Normalize()``; doing that for 60k images
-per epoch in Python costs a large part of a CPU epoch (docs/performance.md). Here torchvision only parses the IDX files
-(once, in ``setup``), the loader hands out whole uint8 batches, and ``on_after_batch_transfer`` scales
-and normalizes each batch where it will be used (the GPU, when there is one).
+per epoch in Python costs a large part of a CPU epoch (docs/performance.md). Here torchvision only
+parses the IDX files (once, in ``setup``), the loader hands out whole uint8 batches, and
+``on_after_batch_transfer`` scales and normalizes each batch where it will be used (the GPU, when
+there is one).
 """
 
 import os
