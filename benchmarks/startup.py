@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         for round_ in range(max(1, args.repeat)):
             print(f"round {round_ + 1} ...", file=sys.stderr, flush=True)
             rounds.append(one_round(Path(scratch), data_dir, args.epochs, args.val_size, env))
+            # Each round's figures as they come: a long run on a loaded machine still leaves numbers.
+            print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
     summary = report(rounds)
     device = machine()
     print(table(summary, len(rounds), device))
