@@ -267,7 +267,7 @@ def _last_test_acc(log_root: Path) -> float:
 
     from mnist_lit.runs import run_folders
 
-    newest = run_folders(log_root)[0]  # the test run, logged after the fit run
+    newest = run_folders(run_folders(log_root)[0], "test")[0]  # the fit run's newest test run
     events = EventAccumulator(str(newest))
     events.Reload()
     return events.Scalars("test/acc")[-1].value

@@ -124,13 +124,14 @@ def test_fit_validate_test_predict_under_ddp_as_users_run_them(workdir, odd_mnis
     assert_clean(proc, "predict")
     assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["ddp.csv"]  # one file, not one per rank
     assert proc.stdout.count(f"Predictions for {N_TEST} images written to ddp.csv") == 1
-    ddp_validate, ddp_test = (scalars(run) for run in runs(tmp_path)[1:3])
+    run = tmp_path / "lightning_logs/version_0"  # each evaluation is filed under the run it evaluated
+    ddp_validate, ddp_test = scalars(run / "validate_0"), scalars(run / "test_0")
 
     # The same checkpoint in one process gives the same numbers: every image counted exactly once.
     cli("validate", *SINGLE)
     cli("test", *SINGLE)
     cli("predict", "--predictions.output=single.csv", *SINGLE)
-    single_validate, single_test = (scalars(run) for run in runs(tmp_path)[4:6])
+    single_validate, single_test = scalars(run / "validate_1"), scalars(run / "test_1")
     assert 0 < single_test["test/acc"] < 1
     assert ddp_test["test/acc"] == single_test["test/acc"]
     assert ddp_validate["val/acc"] == single_validate["val/acc"]
