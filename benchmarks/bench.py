@@ -14,6 +14,8 @@ same machine, and reports per-epoch times; the table compares them as ratios to 
 - ``seed``: ``mnist_lit fit --config configs/mnist.yaml`` then ``test``.
 - ``fast``: ``mnist_lit fit --config configs/fast.yaml`` then ``test`` (in the precision it picks for
   this machine: bf16-mixed where bf16 is native, 32-true elsewhere).
+- ``gpu``: ``mnist_lit fit --config configs/gpu.yaml`` then ``test``: large batches, the data kept on the
+  training device (not run by default).
 - ``seed-bf16``, ``seed-compile``, ``seed-cudnn-benchmark``, ``fast-fp32``, ``fast-bf16``: the recipes
   with one switch flipped (``--trainer.precision``, ``--model.compile``, ``--trainer.benchmark``), to
   measure what each switch buys (not run by default).
@@ -45,6 +47,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = {
     "seed": ("mnist.yaml", []),
     "fast": ("fast.yaml", []),
+    "gpu": ("gpu.yaml", []),
     "seed-bf16": ("mnist.yaml", ["--trainer.precision=bf16-mixed"]),
     "seed-compile": ("mnist.yaml", ["--model.compile=true"]),
     "seed-cudnn-benchmark": ("mnist.yaml", ["--trainer.benchmark=true"]),

@@ -97,7 +97,22 @@ def readable(message: str) -> str:
 
 
 class MNISTCLI(LightningCLI):
+    """LightningCLI with this project's checks and summaries.
+
+    Args:
+        command: the subcommand on the command line, if known: only its parser is built, since building
+            all four is part of every command's start-up (docs/performance.md); None builds them all.
+    """
+
     checkpoint: dict | None = None  # what --ckpt_path holds, loaded once (weights only) and checked
+
+    def __init__(self, *args, command: str | None = None, **kwargs) -> None:
+        self.command = command
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        every = LightningCLI.subcommands()
+        return {self.command: every[self.command]} if self.command in every else every
 
     def add_arguments_to_parser(self, parser: CommandParser) -> None:
         # --checkpoint.*: the best epoch by val/acc. --last_checkpoint.*: last.ckpt, rewritten every epoch
@@ -280,7 +295,10 @@ QUIET = (
 def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) -> MNISTCLI:
     """The project's LightningCLI: its Trainer defaults (logger, the callbacks every run carries, plus
     ``callbacks``) and parsers; with ``run=False``, a ``fit`` whose classes are built but not run (tune)."""
-    per_command = {command: {"command": command} for command in LightningCLI.subcommands()}
+    argv = sys.argv[1:] if args is None else args
+    given = argv[0] if run and isinstance(argv, list) and argv else None
+    commands = [given] if given in LightningCLI.subcommands() else list(LightningCLI.subcommands())
+    per_command = {command: {"command": command} for command in commands}
     return MNISTCLI(
         MNISTClassifier,
         MNISTDataModule,
@@ -303,6 +321,7 @@ def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) ->
         run=run,
         parser_class=CommandParser,
         parser_kwargs={"prog": PROG, "description": TOOLS_HELP, **per_command} if run else {"command": "fit"},
+        command=given,
     )
 
 

@@ -141,7 +141,7 @@ def test_print_config_shows_the_recipe(capsys):
     assert config["trainer"]["max_epochs"] == 10
 
 
-@pytest.mark.parametrize("recipe", ["mnist.yaml", "fast.yaml"])
+@pytest.mark.parametrize("recipe", ["mnist.yaml", "fast.yaml", "gpu.yaml"])
 def test_each_recipe_trains_with_its_own_settings(workdir, mnist_dir, recipe):
     config_file = CONFIGS / recipe
     config = yaml.safe_load(config_file.read_text())
@@ -153,9 +153,10 @@ def test_each_recipe_trains_with_its_own_settings(workdir, mnist_dir, recipe):
     assert saved["model"]["lr"] == config["model"]["lr"]
     assert saved["model"]["lr_schedule"] == config["model"]["lr_schedule"]
     assert saved["data"]["batch_size"] == config["data"]["batch_size"]
+    assert saved["data"]["on_device"] == config["data"].get("on_device", False)
     # fast.yaml leaves the precision to the hardware (precision.py); the run records what it chose.
     chosen = precision_for(saved["trainer"]["accelerator"])[0] if config.get("bf16_where_native") else None
     assert saved["trainer"]["precision"] == config["trainer"].get("precision", chosen)
     last = load_checkpoint(workdir / "lightning_logs/version_0/checkpoints/last.ckpt")
-    assert last["global_step"] == 2
+    assert last["global_step"] == min(2, -(-500 // config["data"]["batch_size"]))  # 500 training images
     assert last["hyper_parameters"]["label_smoothing"] == config["model"]["label_smoothing"]

@@ -7,7 +7,7 @@ import torch
 
 from mnist_lit.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 from mnist_lit.errors import UserError
-from tests.helpers import subprocess_env, synthetic_digits
+from tests.helpers import QUICK, cli, fit_args, last_checkpoint_of_fit, subprocess_env, synthetic_digits
 
 
 def make(mnist_dir, **kwargs) -> MNISTDataModule:
@@ -86,3 +86,41 @@ def test_failed_download_is_one_clear_line(tmp_path):
     assert str(tmp_path / "data" / "MNIST" / "raw") in error_lines[0]
     # A failed command leaves nothing behind: no empty data folder, no run folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
+def test_data_kept_on_the_device_trains_to_the_same_weights(tmp_path, mnist_dir):
+    # On a CPU the device is host memory, so only the code path is exercised here; tests/test_gpu.py
+    # checks that on a GPU the images live there and no step waits for a copy.
+    weights = {}
+    for flag in ("false", "true"):
+        folder = tmp_path / flag
+        folder.mkdir()
+        weights[flag] = last_checkpoint_of_fit(folder, *fit_args(mnist_dir, f"--data.on_device={flag}"))["state_dict"]
+    host, device = weights["false"], weights["true"]
+    assert host.keys() == device.keys()
+    for name in host:
+        assert torch.equal(host[name], device[name]), name
+
+
+def test_data_on_device_refuses_loader_workers(workdir, mnist_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(*fit_args(mnist_dir, "--data.on_device=true", "--data.num_workers=2"))
+    assert exit_.value.code != 0
+    assert "--data.on_device" in str(exit_.value.code) and "--data.num_workers 0" in str(exit_.value.code)
+    assert not (workdir / "lightning_logs").exists()
+
+
+def test_evaluation_batches_are_their_own_size_and_change_no_result(workdir, mnist_dir, capsys):
+    dm = make(mnist_dir, batch_size=32, eval_batch_size=64, val_size=100)
+    dm.setup("fit")
+    dm.setup("test")
+    assert next(iter(dm.train_dataloader()))[0].shape[0] == 32
+    assert [len(labels) for _, labels in dm.val_dataloader()] == [64, 36]
+    assert [len(labels) for _, labels in dm.test_dataloader()] == [64, 64, 64, 8]
+    cli(*fit_args(mnist_dir))
+    capsys.readouterr()
+    summaries = []
+    for size in (1000, 7):
+        cli("test", *QUICK[1:], f"--data.eval_batch_size={size}")
+        summaries.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("test/acc")])
+    assert summaries[0] == summaries[1] and len(summaries[0]) == 1
