@@ -260,7 +260,7 @@ class MNISTDataModule(L.LightningDataModule):
     def _loader(
         self, dataset: DigitTensors | None, batch_size: int, sampler: DistributedSampler | None = None
     ) -> StatefulDataLoader:
-        workers = self.hparams.num_workers
+        workers, on_device = self.hparams.num_workers, self.hparams.on_device
         trainer = self.trainer
         return StatefulDataLoader(
             dataset,
@@ -270,9 +270,7 @@ class MNISTDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             # Batches bound for a GPU in page-locked memory: Lightning's non_blocking copy is then truly
             # asynchronous, instead of a copy from pageable memory that waits for the GPU every step.
-            pin_memory=(
-                trainer is not None and trainer.strategy.root_device.type == "cuda" and not self.hparams.on_device
-            ),
+            pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda" and not on_device,
             collate_fn=default_convert,  # `__getitems__` already returns a batch
         )
 

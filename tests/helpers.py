@@ -184,6 +184,8 @@ def wait_all(runs: list[Guarded]) -> list[subprocess.CompletedProcess]:
 def run_guarded(cmd: list, cwd: Path, timeout: float = 300, env: dict | None = None):
     """Run ``cmd`` to its end, or fail the test with its processes' stacks after ``timeout`` seconds."""
     return Guarded(cmd, cwd, timeout, env).wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
@@ -239,6 +241,8 @@ def running_server(folder: Path, *args: str, timeout: float = 300) -> Iterator[S
         finally:
             with contextlib.suppress(ProcessLookupError):  # workers that outlived the main process
                 os.killpg(process.pid, signal.SIGKILL)
+
+
 def run_command(cwd: Path, *args: str, timeout: float = 600) -> str:
     """`python -m mnist_lit ARGS` in a subprocess inside ``cwd``; its stdout and stderr together.
 

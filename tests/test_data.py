@@ -95,7 +95,8 @@ def test_data_kept_on_the_device_trains_to_the_same_weights(tmp_path, mnist_dir)
     for flag in ("false", "true"):
         folder = tmp_path / flag
         folder.mkdir()
-        weights[flag] = last_checkpoint_of_fit(folder, *fit_args(mnist_dir, f"--data.on_device={flag}"))["state_dict"]
+        checkpoint = last_checkpoint_of_fit(folder, *fit_args(mnist_dir, f"--data.on_device={flag}"))
+        weights[flag] = checkpoint["state_dict"]
     host, device = weights["false"], weights["true"]
     assert host.keys() == device.keys()
     for name in host:
@@ -122,5 +123,6 @@ def test_evaluation_batches_are_their_own_size_and_change_no_result(workdir, mni
     summaries = []
     for size in (1000, 7):
         cli("test", *QUICK[1:], f"--data.eval_batch_size={size}")
-        summaries.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("test/acc")])
+        out = capsys.readouterr().out
+        summaries.append([line for line in out.splitlines() if line.startswith("test/acc")])
     assert summaries[0] == summaries[1] and len(summaries[0]) == 1
