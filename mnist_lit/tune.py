@@ -172,7 +172,8 @@ class Study:
         self.n_trials = n_trials
         self.fit_args = fit_args
         self.name = study_name or Path(search_path).stem
-        self.console = Console(highlight=False, soft_wrap=True)
+        # Piped to a file or a log, rich would cut the table to 80 columns and truncate the setting names.
+        self.console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
         dists = {name: distribution(name, spec, search_path) for name, spec in self.search["params"].items()}
         with quiet_lightning():  # a check: each trial prints Lightning's start-up lines itself
             base = build_fit(fit_args)  # the user's recipe and flags, checked as fit checks them
