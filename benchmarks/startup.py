@@ -3,12 +3,13 @@
     python -m benchmarks.startup --data-dir ../shared/data [--repeat 5] [--epochs 1]
 
 Every command runs as a user runs it, in a fresh process, in a scratch folder, and is timed from start
-to exit. One round runs, in this order:
+to exit. One round runs a seed-recipe ``fit``, then ``--samples`` times (medians taken) each of the floor,
+``--help`` and a bare ``test``:
 
 - the floor: ``python -c "import lightning.pytorch, torchvision, torchmetrics"``, the imports no command
   can avoid;
 - ``python -m mnist_lit --help``, reported as a ratio to the floor of the same round;
-- ``python -m mnist_lit fit --config configs/mnist.yaml --trainer.max_epochs E``, reported as its wall
+- ``python -m mnist_lit fit --config configs/mnist.yaml --trainer.max_epochs E`` (once), reported as its wall
   time minus the sum of its epoch times (``time/epoch_s``, training and validation): what ``fit`` adds
   to its epochs, with and without the floor;
 - a bare ``python -m mnist_lit test`` (the best checkpoint of that fit, on the 10k test images),
@@ -66,10 +67,8 @@ def epoch_times(run: Path) -> list[float]:
     return [event.value for event in events.Scalars("time/epoch_s")]
 
 
-def one_round(scratch: Path, data_dir: str, epochs: int, val_size: int, env: dict) -> dict:
+def one_round(scratch: Path, data_dir: str, epochs: int, val_size: int, samples: int, env: dict) -> dict:
     cli = [sys.executable, "-m", "mnist_lit"]
-    floor = timed([sys.executable, "-c", FLOOR], scratch, env)
-    help_ = timed([*cli, "--help"], scratch, env)
     before = set((scratch / "lightning_logs").glob("version_*"))
     fit = timed(
         [
@@ -80,7 +79,14 @@ def one_round(scratch: Path, data_dir: str, epochs: int, val_size: int, env: dic
     )  # fmt: skip
     (run,) = set((scratch / "lightning_logs").glob("version_*")) - before
     epochs_s = sum(epoch_times(run))
-    test = timed([*cli, "test"], scratch, env)
+    # A single start-up varies by seconds on a shared machine: the quick commands run `samples` times
+    # each, interleaved, and the round takes the median of each.
+    floors, helps, tests = [], [], []
+    for _ in range(samples):
+        floors.append(timed([sys.executable, "-c", FLOOR], scratch, env))
+        helps.append(timed([*cli, "--help"], scratch, env))
+        tests.append(timed([*cli, "test"], scratch, env))
+    floor, help_, test = (statistics.median(times) for times in (floors, helps, tests))
     return {
         "floor_s": floor,
         "help_s": help_,
@@ -124,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the timed fit (seed recipe)")
+    parser.add_argument(
+        "--samples", type=int, default=3, help="runs of the floor, --help and test per round (median)"
+    )
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -136,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(max(1, args.repeat)):
             print(f"round {round_ + 1} ...", file=sys.stderr, flush=True)
-            rounds.append(one_round(Path(scratch), data_dir, args.epochs, args.val_size, env))
+            samples = max(1, args.samples)
+            rounds.append(one_round(Path(scratch), data_dir, args.epochs, args.val_size, samples, env))
             # Each round's figures as they come: a long run on a loaded machine still leaves numbers.
             print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
     summary = report(rounds)

@@ -53,7 +53,7 @@ def test_startup_reports_each_fixed_cost(tmp_path, mnist_dir):
     proc = subprocess.run(
         [
             sys.executable, "-m", "benchmarks.startup", f"--data-dir={mnist_dir}", "--val-size=100",
-            "--repeat=1", f"--output={out}",
+            "--repeat=1", "--samples=1", f"--output={out}",
         ],
         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip

@@ -197,7 +197,7 @@ def test_real_mnist_test_digits_served_as_png_are_mostly_right(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     cli(
         "fit", f"--data.data_dir={REAL_DATA}", "--data.download=false", *QUICK,
-        "--trainer.limit_train_batches=60", "--trainer.limit_val_batches=10",
+        "--trainer.limit_train_batches=60", "--trainer.limit_val_batches=1",
     )  # fmt: skip
     data = MNISTDataModule(data_dir=str(REAL_DATA), download=False)
     data.setup("test")

@@ -40,7 +40,7 @@ def server(tmp_path_factory):
         if REAL:
             cli(
                 "fit", f"--data.data_dir={REAL_DATA}", "--data.download=false", *QUICK,
-                "--trainer.limit_train_batches=150", "--trainer.limit_val_batches=10",
+                "--trainer.limit_train_batches=150", "--trainer.limit_val_batches=1",
             )  # fmt: skip
         else:
             cli(*fit_args(write_mnist(folder / "data")))
