@@ -65,6 +65,15 @@ def cli(*args: str) -> None:
         main()
 
 
+def error_of(*args: str) -> str:
+    """The one-line error `python -m mnist_lit ARGS` exits with (UserError's path through main)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(*args)
+    message = str(exit_info.value.code)
+    assert message.startswith("mnist_lit: error: ") and "\n" not in message, message
+    return message
+
+
 def last_checkpoint_of_fit(folder: Path, *args: str) -> dict:
     """Run `fit ARGS` in-process inside ``folder`` and return its last.ckpt, loaded."""
     from mnist_lit.runs import load_checkpoint

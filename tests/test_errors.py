@@ -14,6 +14,7 @@ from mnist_lit.runs import load_checkpoint
 from tests.helpers import (
     QUICK,
     cli,
+    error_of,
     fit_args,
     idx_bytes,
     last_checkpoint_of_fit,
@@ -24,15 +25,6 @@ from tests.helpers import (
 
 TRAIN_IMAGES = "MNIST/raw/train-images-idx3-ubyte"
 TRAIN_LABELS = "MNIST/raw/train-labels-idx1-ubyte"
-
-
-def error_of(*args: str) -> str:
-    """The one-line error the CLI exits with (UserError's path through main)."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli(*args)
-    message = str(exit_info.value.code)
-    assert message.startswith("mnist_lit: error: ") and "\n" not in message, message
-    return message
 
 
 def parse_error_of(capsys, *args: str) -> str:

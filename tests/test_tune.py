@@ -15,7 +15,7 @@ from optuna.storages.journal import JournalFileBackend
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import QUICK, cli, run_command, subprocess_env, wait_for
+from tests.helpers import QUICK, cli, error_of, run_command, subprocess_env, wait_for
 
 # 500 training images in batches of 50: 10 steps an epoch.
 TRIAL_FLAGS = ["--data.val_size=100", "--data.batch_size=50", "--trainer.max_epochs=1"]
@@ -217,14 +217,6 @@ def test_trial_of_a_worker_that_died_runs_again(workdir, mnist_dir):
     assert retry.user_attrs["retry_of"] == 0 and retry.params["model.lr"] == trials[0].params["model.lr"]
 
 
-def one_error_line(*args: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli(*args)
-    message = str(exit_info.value.code)
-    assert message.startswith("mnist_lit: error: ") and "\n" not in message, message
-    return message
-
-
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
@@ -243,20 +235,20 @@ def test_bad_search_space_is_one_line_and_the_study_is_untouched(study, monkeypa
     bad.parent.mkdir(exist_ok=True)
     bad.write_text(yaml.safe_dump({"params": params}))
     monkeypatch.chdir(root)
-    message = one_error_line(*tune_args("unused", bad, 4, "--study_name=search"))
+    message = error_of(*tune_args("unused", bad, 4, "--study_name=search"))
     assert str(bad) in message and expected in message
     assert database.read_bytes() == before
 
 
 def test_missing_search_file_and_bad_storage(workdir, mnist_dir):
-    message = one_error_line(*tune_args(mnist_dir, "nowhere.yaml", 2))
+    message = error_of(*tune_args(mnist_dir, "nowhere.yaml", 2))
     assert "--search nowhere.yaml: file does not exist" in message
     search = write_search(workdir)
-    message = one_error_line(*tune_args(mnist_dir, search, 2, "--storage=sqlite:////no/such/folder/x.db"))
+    message = error_of(*tune_args(mnist_dir, search, 2, "--storage=sqlite:////no/such/folder/x.db"))
     assert "--storage sqlite:////no/such/folder/x.db cannot be opened:" in message
-    message = one_error_line(*tune_args(mnist_dir, search, 2, "--storage=nosuch://host/db"))
+    message = error_of(*tune_args(mnist_dir, search, 2, "--storage=nosuch://host/db"))
     assert "--storage nosuch://host/db cannot be opened:" in message
-    message = one_error_line(*tune_args(mnist_dir, search, 2, "--storage=/no/such/folder/study.log"))
+    message = error_of(*tune_args(mnist_dir, search, 2, "--storage=/no/such/folder/study.log"))
     assert "--storage /no/such/folder/study.log: folder /no/such/folder does not exist" in message
 
 
