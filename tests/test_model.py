@@ -59,6 +59,51 @@ def test_convnet_computes_exactly_what_the_notebooks_layer_order_does(device, ch
         assert torch.equal(ours(images), notebook(images))
 
 
+def trained_looking(net: ConvNet) -> ConvNet:
+    """``net`` with BatchNorm statistics and affine parameters far from their initial 0s and 1s."""
+    for norm in (m for m in net.features if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-2.0, 2.0)
+        norm.running_var.uniform_(0.1, 4.0)
+        with torch.no_grad():
+            norm.weight.uniform_(-2.0, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    return net
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "NCHW"])
+def test_folded_network_computes_the_same_logits_without_batchnorm(device, channels_last):
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = trained_looking(ConvNet()).to(device, memory_format=memory_format).eval()
+    images = torch.randn(200, 1, 28, 28, device=device).contiguous(memory_format=memory_format)
+    folded = net.folded()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.inference_mode():
+        expected, got = net(images), folded(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
+    # Its own convolution weights: the network it came from is untouched.
+    assert folded[0].weight.data_ptr() != net.features[0].weight.data_ptr()
+
+
+def test_evaluation_steps_run_the_folded_network():
+    torch.manual_seed(0)
+    model = MNISTClassifier()
+    trained_looking(model.net).eval()
+    ran_batchnorm = []
+    model.net.features[1].register_forward_hook(lambda *_: ran_batchnorm.append(True))
+    images, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with torch.inference_mode():
+        logits = model.test_step([images, labels], 0)
+        probs = model.predict_step([images, labels], 0)["probs"]
+        assert not ran_batchnorm
+        expected = model(images)  # forward: the network as trained, BatchNorm and all
+    assert ran_batchnorm
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(probs, expected.softmax(dim=1), rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture
 def deterministic(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
