@@ -8,6 +8,7 @@ and TensorBoard shows it under it. Its best checkpoint is the one that ModelChec
 as best.
 """
 
+import functools
 import pickle
 import re
 from dataclasses import dataclass
@@ -42,19 +43,22 @@ class Run:
         folder = Path(checkpoint).parent
         return cls(folder.parent) if folder.name == "checkpoints" else None
 
+    @functools.cached_property
     def config(self) -> dict:
         """The config this run was trained with (LightningCLI's ``config.yaml``); empty if there is none."""
         if not self.config_file.is_file():
             return {}
-        return yaml.safe_load(self.config_file.read_text()) or {}
+        # libyaml's parser where PyYAML was built with it: the file lists every Trainer argument.
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        return yaml.load(self.config_file.read_text(), Loader=loader) or {}
 
     def settings(self, section: str) -> dict:
         """One section (``data``, ``model``) of the config this run was trained with."""
-        return self.config().get(section) or {}
+        return self.config.get(section) or {}
 
     def seed(self) -> int | None:
         """The ``seed_everything`` this run was trained with, if it is known."""
-        seed = self.config().get("seed_everything")
+        seed = self.config.get("seed_everything")
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     def best_checkpoint(self) -> tuple[Path, float | None]:
