@@ -31,18 +31,16 @@ from pathlib import Path
 
 import torch
 
-from mnist_lit.precision import CPU_BF16_FLAGS, cpu_flags, cpu_name, precision_for
+from benchmarks.bench import cpu_features
+from mnist_lit.precision import cpu_name, precision_for
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = "import lightning.pytorch, torchvision, torchmetrics"
-FLAGS_SHOWN = ("avx512f", *CPU_BF16_FLAGS)  # what decides CPU speed and the fast recipe's precision
 
 
 def machine() -> str:
     """This machine in one line: CPU model, cores and the flags that matter here; the GPU if any."""
-    present = [flag for flag in FLAGS_SHOWN if flag in cpu_flags().split()]
-    flags = " ".join(present) or "none of " + "/".join(FLAGS_SHOWN)
-    cpu = f"{cpu_name()}, {os.cpu_count()} cores, flags: {flags}"
+    cpu = f"{cpu_name()}, {os.cpu_count()} cores, flags: {cpu_features()}"
     gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}{gpu}; fast.yaml precision: {precision_for('auto')[0]}"
 

@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from benchmarks.bench import cpu_features
 from tests.helpers import subprocess_env
 
 
@@ -32,6 +34,8 @@ def test_bench_runs_every_variant_and_prints_the_table(tmp_path, mnist_dir):
         assert row["epoch_s"] <= row["loop_s"] <= row["fit_s"] * 1.01  # one epoch <= all epochs <= fit
     lines = proc.stdout.splitlines()
     assert lines[0] == f"device: {report['device']}"
+    if not torch.cuda.is_available():  # the CPU's name comes with the flags that decide its speed
+        assert report["device"].endswith(f"; flags: {cpu_features()})")
     assert sum(line.startswith("| plain ") or line.startswith("| seed ") for line in lines) == 2
     assert any(line.startswith("Lightning overhead per training step") for line in lines)
 
