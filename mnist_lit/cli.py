@@ -5,6 +5,7 @@ know: which checkpoint a bare ``test`` means, and the summaries printed at the e
 """
 
 import importlib
+import inspect
 import json
 import logging
 import re
@@ -102,17 +103,33 @@ class MNISTCLI(LightningCLI):
     Args:
         command: the subcommand on the command line, if known: only its parser is built, since building
             all four is part of every command's start-up (docs/performance.md); None builds them all.
+        listing: the command line only asks for the list of commands (``--help``): the subcommands get
+            empty parsers, which is all that list needs.
     """
 
     checkpoint: dict | None = None  # what --ckpt_path holds, loaded once (weights only) and checked
 
-    def __init__(self, *args, command: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, command: str | None = None, listing: bool = False, **kwargs) -> None:
         self.command = command
+        self.listing = listing
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:
         every = LightningCLI.subcommands()
         return {self.command: every[self.command]} if self.command in every else every
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        if not (add_subcommands and self.listing):
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            return
+        # Each command listed by the first line of its Trainer method's docstring, as LightningCLI lists
+        # it; building their parsers (a hundred flags each) was most of what `--help` added to the imports.
+        self.parser = self.init_parser(**main_kwargs)
+        subcommands = self.parser.add_subcommands()
+        for command in self.subcommands():
+            summary = inspect.getdoc(getattr(self.trainer_class, command)).splitlines()[0]
+            parser = self.init_parser(**subparser_kwargs.get(command, {}), description=summary)
+            subcommands.add_subcommand(command, parser, help=summary)
 
     def add_arguments_to_parser(self, parser: CommandParser) -> None:
         # --checkpoint.*: the best epoch by val/acc. --last_checkpoint.*: last.ckpt, rewritten every epoch
@@ -297,6 +314,7 @@ def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) ->
     ``callbacks``) and parsers; with ``run=False``, a ``fit`` whose classes are built but not run (tune)."""
     argv = sys.argv[1:] if args is None else args
     given = argv[0] if run and isinstance(argv, list) and argv else None
+    listing = given in ("-h", "--help")
     commands = [given] if given in LightningCLI.subcommands() else list(LightningCLI.subcommands())
     per_command = {command: {"command": command} for command in commands}
     return MNISTCLI(
@@ -322,6 +340,7 @@ def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) ->
         parser_class=CommandParser,
         parser_kwargs={"prog": PROG, "description": TOOLS_HELP, **per_command} if run else {"command": "fit"},
         command=given,
+        listing=listing,
     )
 
 

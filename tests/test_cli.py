@@ -1,6 +1,7 @@
 """The real CLI, in-process (as Lightning's own LightningCLI tests do), on tiny IDX files."""
 
 import csv
+import re
 
 import pytest
 import torch
@@ -131,6 +132,21 @@ def test_evaluation_takes_the_model_settings_from_the_checkpoint(workdir, mnist_
     cli("test", *QUICK[1:], "--model.label_smoothing=0.7")  # Lightning restores the checkpoint's
     saved = yaml.safe_load((workdir / "lightning_logs/version_0/test_0/config.yaml").read_text())
     assert saved["model"]["label_smoothing"] == 0.2
+
+
+def test_help_lists_the_commands_as_lightningcli_does(capsys):
+    # `--help` alone builds no command's parser; `--print_config --help` builds all four (the full
+    # LightningCLI) and stops at the same help: the two texts must be the same.
+    helps = []
+    for args in (["--help"], ["--print_config", "--help"], ["-h"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(*args)
+        assert exit_info.value.code == 0
+        helps.append(capsys.readouterr().out)
+    assert helps[0] == helps[1] == helps[2]
+    for command in ("fit", "validate", "test", "predict"):
+        assert re.search(rf"^ +{command} +\w", helps[0], re.MULTILINE), command  # listed, with its summary
+    assert "`tune`" in helps[0]
 
 
 def test_print_config_shows_the_recipe(capsys):
