@@ -95,6 +95,21 @@ class EvaluationShard(DistributedSampler):
         return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
+def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of a batch (N, 1, H, W) moved by its own random offset of up to ``max_shift`` whole pixels
+    down or up and left or right; what moves in is 0 (MNIST's background), what moves out is lost.
+
+    Whole pixels, so no interpolation blurs the strokes; one gather on the images' device for the batch.
+    """
+    n, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), device=images.device, generator=generator)
+    rows = torch.arange(height, device=images.device) + offsets[0]  # (N, H): the rows of `padded` kept
+    cols = torch.arange(width, device=images.device) + offsets[1]
+    which = torch.arange(n, device=images.device)[:, None, None]
+    return padded[which, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
 class MNISTDataModule(L.LightningDataModule):
     """MNIST train/val/test/predict loaders.
 
@@ -115,6 +130,9 @@ class MNISTDataModule(L.LightningDataModule):
             polarity) for ``predict`` to read instead of the test set, made MNIST-style (images.py).
         on_device: keep the whole dataset, as uint8, on the training device (all of MNIST is 55 MB): on
             a GPU, batches are gathered there and no step copies images from the host.
+        max_shift: augment training batches: each image moved by a random whole number of pixels, up to
+            this many in each direction, on the device (:func:`shifted`); 0, the seed's choice, trains on
+            the images as they are. Validation, test and predict never shift.
     """
 
     def __init__(
@@ -130,6 +148,7 @@ class MNISTDataModule(L.LightningDataModule):
         download: bool = True,
         predict_path: str | None = None,
         on_device: bool = False,
+        max_shift: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         if on_device and num_workers > 0:
@@ -241,6 +260,11 @@ class MNISTDataModule(L.LightningDataModule):
         if isinstance(batch, torch.Tensor):  # images alone: the model summary's example input
             return self.normalize(batch)
         images, labels = batch
+        shift = self.hparams.max_shift
+        if shift and self.trainer is not None and self.trainer.training:
+            # Offsets drawn from the seed and the step alone: a resumed run shifts as the uninterrupted one.
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.trainer.global_step
+            images = shifted(images, shift, torch.Generator(images.device).manual_seed(seed))
         return [self.normalize(images), labels]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -83,11 +83,12 @@ def test_same_seed_gives_the_same_weights(workdir, mnist_dir):
         assert torch.equal(value, second["state_dict"][key]), key
 
 
-def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist_dir):
-    cli(*fit_args(mnist_dir, "--trainer.max_epochs=2"))  # version_0: uninterrupted
-    cli(*fit_args(mnist_dir, "--trainer.max_epochs=1"))  # version_1: stops after one epoch
+@pytest.mark.parametrize("recipe", [[], ["--data.max_shift=2"]], ids=["seed", "shifted"])
+def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist_dir, recipe):
+    cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2"))  # version_0: uninterrupted
+    cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=1"))  # version_1: stops after one epoch
     last = workdir / "lightning_logs/version_1/checkpoints/last.ckpt"
-    cli(*fit_args(mnist_dir, "--trainer.max_epochs=2", f"--ckpt_path={last}"))  # version_2: resumed
+    cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2", f"--ckpt_path={last}"))  # version_2: resumed
     straight, resumed = (
         load_checkpoint(workdir / f"lightning_logs/version_{v}/checkpoints/last.ckpt") for v in (0, 2)
     )
