@@ -131,8 +131,8 @@ class MNISTDataModule(L.LightningDataModule):
         on_device: keep the whole dataset, as uint8, on the training device (all of MNIST is 55 MB): on
             a GPU, batches are gathered there and no step copies images from the host.
         max_shift: augment training batches: each image moved by a random whole number of pixels, up to
-            this many in each direction, on the device (:func:`shifted`); 0, the seed's choice, trains on
-            the images as they are. Validation, test and predict never shift.
+            this many in each direction, on the device; 0, the seed's choice, trains on the images as
+            they are. Validation, test and predict never shift.
     """
 
     def __init__(
