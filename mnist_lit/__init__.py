@@ -1,6 +1,5 @@
-"""mnist_lit: the seed notebook's MNIST CNN as a PyTorch Lightning project."""
+"""mnist_lit: the seed notebook's MNIST CNN as a PyTorch Lightning project.
 
-from mnist_lit.data import MNISTDataModule
-from mnist_lit.model import ConvNet, MNISTClassifier
-
-__all__ = ["ConvNet", "MNISTClassifier", "MNISTDataModule"]
+The core reads top to bottom in three files: model.py (the network and its LightningModule), data.py
+(the LightningDataModule) and cli.py (LightningCLI). docs/architecture.md shows the rest.
+"""

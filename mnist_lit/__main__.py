@@ -1,14 +1,106 @@
-"""``python -m mnist_lit``: the process is ours, so process-wide settings are made here, not in ``main()``."""
+"""``python -m mnist_lit COMMAND``: the one place that routes a command to the module that runs it.
 
-from mnist_lit.allocator import keep_freed_memory
-from mnist_lit.cli import main
+Lightning's four commands go to the LightningCLI (cli.py); the tools are modules of their own, imported
+only when they run, so no command waits for what another one needs. The process is ours, so process-wide
+settings (warning filters, log levels, what a DDP rank does when its launcher dies) are made here too.
+"""
+
+import importlib
+import logging
+import sys
+import warnings
+
+# command -> (module whose main(argv) runs it, what it does). Lightning's four say what LightningCLI says.
+COMMANDS = {
+    "fit": ("mnist_lit.cli", "Runs the full optimization routine."),
+    "validate": ("mnist_lit.cli", "Perform one evaluation epoch over the validation set."),
+    "test": ("mnist_lit.cli", "Perform one evaluation epoch over the test set."),
+    "predict": ("mnist_lit.cli", "Run inference on your data."),
+    "export": ("mnist_lit.export", "The trained model as one ONNX or TorchScript file."),
+    "stats": ("mnist_lit.stats", "The training set's pixel mean and std (the normalization constants)."),
+    "serve": ("mnist_lit.serve", "The trained model behind an HTTP API, and a page to draw digits on."),
+    "tune": ("mnist_lit.tune", "Hyperparameter search with Optuna, each trial a fit."),
+}
+USAGE = f"usage: python -m mnist_lit {{{','.join(COMMANDS)}}} [--help] ..."
+
+# Noise a user can do nothing about: deprecations inside torchdata and Lightning, and ModelCheckpoint
+# noting, when test/validate/predict restore a fit checkpoint, that they log to a folder of their own.
+QUIET = (
+    "'set_vital' is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    "The dirpath has changed",
+    # Epoch values here are torchmetrics results, synced by compute() on every rank (distributed.py).
+    r"It is recommended to use `self.log\(.*sync_dist=True\)`",
+)
 
 
-def run() -> None:
-    """The command line's entry point (also the ``mnist-lit`` script)."""
-    keep_freed_memory()  # before training allocates anything: faster CPU steps (allocator.py)
-    main()
+def quiet() -> None:
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    # Lightning's info lines ("Seed set to 42", "GPU available: False", a product tip, "`Trainer.fit`
+    # stopped") say nothing that the command's own output does not.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def end_with_launcher() -> None:
+    """A DDP rank started by a launcher (Lightning's, torchrun) is killed by the kernel if the launcher dies.
+
+    Otherwise a rank that stalled stays behind when the launching process gives up on it (Linux only).
+    """
+    import os
+    import signal
+
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the line above took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        commands = "\n".join(f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items())
+        print(f"{USAGE}\n\nTrain and use the seed notebook's MNIST CNN with PyTorch Lightning.\n\n{commands}")
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(
+            f"mnist_lit: error: unknown command {argv[0]!r}: {hint}choose from {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    end_with_launcher()
+    if argv[0] in ("fit", "tune"):
+        from mnist_lit.allocator import keep_freed_memory
+
+        keep_freed_memory()  # before training allocates anything: faster CPU steps (allocator.py)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from mnist_lit.errors import UserError
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    quiet()  # after the import: importing Lightning sets its loggers' levels
+    try:
+        module.main(argv)
+    except (UserError, MisconfigurationException) as err:  # Lightning's: settings that do not fit together
+        sys.exit(f"mnist_lit: error: {err}")
+    except RuntimeError as err:  # DDP ranks that stopped agreeing; anything else is a bug: traceback
+        from mnist_lit.messages import stalled_message
+
+        if (line := stalled_message(err)) is None:
+            raise
+        sys.exit(f"mnist_lit: error: {line}")
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading data, parsing); in training see faults.py
+        sys.exit("mnist_lit: error: interrupted")
 
 
 if __name__ == "__main__":
-    run()
+    main()

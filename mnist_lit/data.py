@@ -9,25 +9,35 @@ there is one).
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, default_convert
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision.datasets import MNIST
 from torchvision.transforms.v2 import functional as TF
 
-from mnist_lit.data_checks import digits_problem, idx_files, idx_problem
-from mnist_lit.errors import UserError, first_line
-from mnist_lit.images import load_digits
+from mnist_lit.errors import UserError
 
 # Mean and std of the 60k training pixels scaled to [0, 1] (the seed notebook's cell 4; `mnist_lit stats`).
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+
+
+def idx_files(raw_folder: Path, train: bool) -> tuple[Path, Path]:
+    """The images (3-d) and labels (1-d) IDX files of one split, as torchvision names them."""
+    prefix = "train" if train else "t10k"
+    return raw_folder / f"{prefix}-images-idx3-ubyte", raw_folder / f"{prefix}-labels-idx1-ubyte"
+
+
+def looks_like_mnist(images: torch.Tensor, labels: torch.Tensor) -> bool:
+    """What torchvision does not check of the files it parsed: 28x28 images, one label each, in 0-9."""
+    shapes_fit = images.shape[1:] == (28, 28) and len(images) == len(labels) > 0
+    return shapes_fit and bool(((labels >= 0) & (labels <= 9)).all())
 
 
 class DigitTensors(Dataset):
@@ -76,23 +86,6 @@ class ResumableShuffle(StatefulDistributedSampler):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.set_epoch(state["epoch"])
-
-
-class EvaluationShard(DistributedSampler):
-    """Rank r of W evaluates images r, r + W, r + 2W, ...: every image exactly once over all ranks.
-
-    Lightning's default DistributedSampler pads each rank's share to the same length with repeated
-    images, so a test set whose size W does not divide would count some images twice. The shares
-    differ by at most one image; nothing in evaluation waits for the other ranks per batch.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
-        self.total_size = len(dataset)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -204,6 +197,8 @@ class MNISTDataModule(L.LightningDataModule):
             self.train_set = DigitTensors(images[train_idx], labels[train_idx])
             self.val_set = DigitTensors(images[val_idx], labels[val_idx])
         if stage == "predict" and self._predicting_files() and self.predict_set is None:
+            from mnist_lit.images import load_digits  # only predict on the user's own images needs PIL
+
             images, self.predict_files = load_digits(Path(self.hparams.predict_path))
             self.predict_set = DigitTensors(images, torch.full((len(images),), -1))  # -1: no label
         elif stage in ("test", "predict") and self.test_set is None:
@@ -246,7 +241,8 @@ class MNISTDataModule(L.LightningDataModule):
         batch_size = self.hparams.eval_batch_size
         if trainer is None or trainer.world_size == 1:
             return self._loader(dataset, batch_size)
-        shard = EvaluationShard(dataset, trainer.world_size, trainer.global_rank)
+        # Each image exactly once over all ranks (the default sampler pads shares with repeated images).
+        shard = UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False)
         return self._loader(dataset, batch_size, shard)
 
     def _predicting_files(self) -> bool:
@@ -311,29 +307,11 @@ class MNISTDataModule(L.LightningDataModule):
         try:
             mnist = MNIST(self.hparams.data_dir, train=train, download=download)
         except (RuntimeError, AssertionError, ValueError, TypeError, KeyError, OSError) as err:
-            if images_file.is_file() and labels_file.is_file():  # present, so torchvision choked on one
-                raise self._unreadable(images_file, labels_file, err) from err
-            files = ", ".join(Path(name).stem for name, _md5 in MNIST.resources)
-            how = "the download failed" if download else "--data.download is false"
-            raise UserError(
-                f"MNIST not found in {self.raw_folder}/ and {how}: put {files} there, "
-                f"or point --data.data_dir at a folder that has MNIST/raw/ ({err.__class__.__name__}: "
-                f"{first_line(err)})"
-            ) from err
-        problem = digits_problem(images_file, labels_file, mnist.data, mnist.targets)
-        if problem:
-            raise UserError(problem)
-        return mnist
+            from mnist_lit.data_checks import not_loaded
 
-    @staticmethod
-    def _unreadable(images_file: Path, labels_file: Path, err: Exception) -> UserError:
-        # torchvision only downloads missing files, so a broken one stays until it is replaced or deleted.
-        fix = "replace it with the original MNIST file, or delete it to download it again"
-        for path, ndim in ((images_file, 3), (labels_file, 1)):
-            problem = idx_problem(path, ndim)
-            if problem:
-                return UserError(f"{path} {problem}; {fix}")
-        return UserError(
-            f"torchvision could not read {images_file} or {labels_file} "
-            f"({err.__class__.__name__}: {first_line(err)})"
-        )
+            raise UserError(not_loaded(self.raw_folder, images_file, labels_file, download, err)) from err
+        if not looks_like_mnist(mnist.data, mnist.targets):
+            from mnist_lit.data_checks import digits_problem
+
+            raise UserError(digits_problem(images_file, labels_file, mnist.data, mnist.targets))
+        return mnist

@@ -1,9 +1,9 @@
-"""Why an MNIST folder cannot be used, in one sentence that names the file.
+"""Why an MNIST folder cannot be used, in one sentence that names the file (imported once one cannot).
 
 torchvision stays the IDX parser; when it chokes (an ``assert`` on the magic number, a ``view`` that
 does not fit) its message names neither the file nor the fault. These checks read only the few header
-bytes needed to say which file is broken and how, and check what torchvision parsed for the things
-it does not check itself: image size, matching counts, labels in 0-9.
+bytes needed to say which file is broken and how, and say what is wrong with what torchvision parsed
+when it is not MNIST (data.py's ``looks_like_mnist``): image size, matching counts, labels in 0-9.
 """
 
 import math
@@ -12,15 +12,11 @@ from pathlib import Path
 
 import torch
 
+from mnist_lit.errors import first_line
+
 UBYTE = 0x08  # IDX type code of unsigned bytes, the only one MNIST uses
 IMAGE_SIZE = (28, 28)
 NUM_LABELS = 10
-
-
-def idx_files(raw_folder: Path, train: bool) -> tuple[Path, Path]:
-    """The images (3-d) and labels (1-d) IDX files of one split, as torchvision names them."""
-    prefix = "train" if train else "t10k"
-    return raw_folder / f"{prefix}-images-idx3-ubyte", raw_folder / f"{prefix}-labels-idx1-ubyte"
 
 
 def idx_problem(path: Path, ndim: int) -> str | None:
@@ -69,3 +65,26 @@ def digits_problem(
             f"(the first is {int(labels[first])}, at index {first})"
         )
     return None
+
+
+def not_loaded(raw_folder: Path, images_file: Path, labels_file: Path, download: bool, err: Exception) -> str:
+    """Why torchvision could not load a split's two files: they are missing, or one of them is broken."""
+    if not (images_file.is_file() and labels_file.is_file()):
+        from torchvision.datasets import MNIST
+
+        files = ", ".join(Path(name).stem for name, _md5 in MNIST.resources)
+        how = "the download failed" if download else "--data.download is false"
+        return (
+            f"MNIST not found in {raw_folder}/ and {how}: put {files} there, or point --data.data_dir at a "
+            f"folder that has MNIST/raw/ ({err.__class__.__name__}: {first_line(err).rstrip(': ')})"
+        )
+    # torchvision only downloads missing files, so a broken one stays until it is replaced or deleted.
+    fix = "replace it with the original MNIST file, or delete it to download it again"
+    for path, ndim in ((images_file, 3), (labels_file, 1)):
+        problem = idx_problem(path, ndim)
+        if problem:
+            return f"{path} {problem}; {fix}"
+    return (
+        f"torchvision could not read {images_file} or {labels_file} "
+        f"({err.__class__.__name__}: {first_line(err)})"
+    )

@@ -98,3 +98,10 @@ def export(
         f"Exported {checkpoint} to {target} ({format}): input pixels (N, 1, 28, 28) in [0, 1], output 10 "
         f"logits; normalization built in (mean {model.mean.item():.4f}, std {model.std.item():.4f})"
     )
+
+
+def main(argv: list[str]) -> None:
+    """``python -m mnist_lit export ARGS`` (routed here by __main__.py)."""
+    from mnist_lit.cli import run_function
+
+    run_function(export, argv)

@@ -1,13 +1,15 @@
-"""When training goes wrong: the loss blows up, or the user stops the run (Ctrl-C, SIGTERM).
+"""When training goes wrong: the loss blows up, the user stops the run (Ctrl-C, SIGTERM), the disk fills.
 
-Lightning already handles SIGTERM well: its handler only raises a flag, the loop finishes the current
-batch and then raises ``SIGTERMException``, so the state at that moment is consistent (step counts,
-the loader's position) and a checkpoint of it resumes exactly. Ctrl-C is routed to that same handler
-instead of raising ``KeyboardInterrupt`` wherever Python happens to be, e.g. between a backward pass
-and its optimizer step.
+A stop is honoured at a step boundary, where the state is consistent (step counts, the loader's
+position) and a checkpoint of it resumes exactly: the signal handler only records the request, and
+under DDP every rank learns of it from one small all-reduce per step, so no rank ever runs a collective
+inside a signal handler (which would race the collective the other ranks are in).
 """
 
 import contextlib
+import errno
+import io
+import os
 import shutil
 import signal
 import threading
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -26,12 +29,18 @@ class TrainingDiverged(UserError):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """The ModelCheckpoint that writes ``last.ckpt``; with ``save_on_exception`` also when fit is stopped.
+    """The ModelCheckpoint that writes ``last.ckpt`` at every epoch's end, and when fit is stopped.
 
-    Only an orderly stop (SIGTERM or Ctrl-C, which end the current batch first) is saved: after any
-    other exception the model may be half-updated, and after a divergence its weights are NaN, so the
-    last good ``last.ckpt`` is kept instead.
+    A separate callback from the best-by-val/acc one, since Lightning's ``save_last`` only rewrites
+    ``last.ckpt`` when that one improves. Only an orderly stop (SIGTERM or Ctrl-C, which end the current
+    batch first) is saved: after any other exception the model may be half-updated, and after a
+    divergence its weights are NaN, so the last good ``last.ckpt`` is kept instead.
     """
+
+    def __init__(self, filename: str = "last", **kwargs) -> None:
+        kwargs.setdefault("enable_version_counter", False)  # one last.ckpt, rewritten
+        kwargs.setdefault("save_on_exception", True)
+        super().__init__(filename=filename, **kwargs)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -86,43 +95,38 @@ class StopOnDivergence(Callback):
         )
 
 
-class GracefulInterrupt(Callback):
-    """During training, Ctrl-C (SIGINT) stops the run the way Lightning stops it on SIGTERM.
+class GracefulStop(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM during training stops ``fit`` after the current step, with ``last.ckpt``.
 
-    A second Ctrl-C, while the first is still being honoured, stops at once. Under DDP a terminal's
-    Ctrl-C reaches every rank and the launching rank forwards it to the ranks it started: each rank
-    hands only the first to Lightning, whose handler broadcasts to the other ranks (a second broadcast
-    on one rank only would wait for ever), and only rank 0 takes a second one as "stop at once".
+    A request made during an epoch's last step waits for that epoch's validation and checkpoints, so a
+    resumed run validates every epoch the uninterrupted one did. Under DDP a SIGTERM may reach only the
+    launching process (a scheduler's time limit), a terminal's Ctrl-C reaches every rank: either way the
+    per-step all-reduce stops every rank at the same step. A second Ctrl-C on rank 0 stops at once.
     """
 
     def __init__(self) -> None:
-        self._previous = None
+        self.requested = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
             return
-        # Lightning installs its SIGTERM handler before training starts, and restores it at teardown.
-        sigterm = signal.getsignal(signal.SIGTERM)
-        if not callable(sigterm):
-            return
 
-        routed = False
+        def request(signum: int, frame) -> None:
+            if self.requested and signum == signal.SIGINT and trainer.is_global_zero:
+                raise KeyboardInterrupt
+            self.requested = True
 
-        def on_sigint(signum: int, frame) -> None:
-            nonlocal routed
-            if routed:
-                if trainer.is_global_zero:
-                    raise KeyboardInterrupt
-                return
-            routed = True
-            sigterm(signum, frame)
+        # Replaces the handlers Lightning installs for fit (Lightning restores the originals at its end).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, request)
 
-        self._previous = signal.signal(signal.SIGINT, on_sigint)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 == trainer.num_training_batches:
+            return  # the epoch's last step: stop after its validation, at the next epoch's first step
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            raise SIGTERMException
 
 
 class DiscardFailedRun(Callback):
@@ -160,3 +164,34 @@ def interrupted_message(trainer: L.Trainer) -> str:
         f"training stopped by a signal at {where}; saved {saved[0]}: continue with the same command "
         f"plus --ckpt_path={saved[0]}"
     )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, flushed to disk, then renamed into place.
+
+    A checkpoint name then never holds a partial file, whatever stops the write (a kill, a full disk);
+    Lightning's own writer goes through a temporary file elsewhere (fsspec's), copied in when the log
+    folder is on another filesystem. A full disk ends the run with one line and keeps every earlier file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with partial.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            if err.errno != errno.ENOSPC:
+                raise
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            size = buffer.tell()
+            raise UserError(
+                f"no space left in {path.parent} to write {path.name} (about {size / 2**20:.1f} MB): free "
+                "some space there; the checkpoints already written are kept"
+            ) from None

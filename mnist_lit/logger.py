@@ -1,12 +1,11 @@
-"""TensorBoard logging into a ``version_N`` folder that no other run can share."""
+"""TensorBoard logs in a ``version_N`` folder that no other run can share; how run folders are numbered."""
 
 import os
+import re
 from pathlib import Path
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-from mnist_lit.runs import run_folders
 
 
 class RunLogger(TensorBoardLogger):
@@ -66,3 +65,9 @@ def claim_next_folder(root: Path, prefix: str = "version") -> int:
             return number
         except FileExistsError:  # another run got there first
             number += 1
+
+
+def run_folders(log_root: Path, prefix: str = "version") -> list[Path]:
+    """The ``<prefix>_N`` folders under ``log_root`` (training runs: ``version_N``), highest N first."""
+    folders = [d for d in log_root.glob(f"{prefix}_*") if re.fullmatch(rf"{re.escape(prefix)}_\d+", d.name)]
+    return sorted(folders, key=lambda d: int(d.name.rsplit("_", 1)[1]), reverse=True)

@@ -45,25 +45,23 @@ def choose_precision(
     return FP32, f"bf16 is chosen only on CUDA GPUs and on CPUs with AMX or AVX512-BF16, not on {device}"
 
 
-def cpu_flags() -> str:
-    """This CPU's feature flags from /proc/cpuinfo; empty off Linux (where none is assumed native)."""
-    if platform.system() != "Linux":
-        return ""
+def _cpuinfo(field: str) -> str:
+    """A field of this CPU's /proc/cpuinfo entry (Linux); empty elsewhere, where nothing is assumed."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return ""
-    return next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), "")
+
+
+def cpu_flags() -> str:
+    """This CPU's feature flags, as /proc/cpuinfo lists them."""
+    return _cpuinfo("flags")
 
 
 def cpu_name() -> str:
-    """This CPU's model name (/proc/cpuinfo on Linux), or what ``platform`` knows."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    return name or platform.processor() or "CPU"
+    """This CPU's model name, or what ``platform`` knows."""
+    return _cpuinfo("model name") or platform.processor() or "CPU"
 
 
 def device_kind(accelerator: object) -> str:
@@ -88,15 +86,11 @@ def precision_for(accelerator: object) -> tuple[str, str]:
     return choose_precision(device)
 
 
-def apply_bf16_where_native(config) -> None:
-    """If a command's config asks for ``bf16_where_native`` and sets no ``trainer.precision``, set it.
-
-    Written into the parsed config before the trainer is built, so the run's saved config.yaml records
-    the precision it trained in. An explicit ``--trainer.precision`` always wins.
-    """
-    if not config.get("bf16_where_native") or config.trainer.precision is not None:
-        return
-    precision, reason = precision_for(config.trainer.accelerator)
-    config.trainer.precision = precision
+def choose_for_this_machine(accelerator: object) -> str:
+    """The precision for ``--bf16_where_native true`` on this machine and ``--trainer.accelerator``, printed
+    with its reason. The CLI writes it into the parsed config before the trainer is built, so the run's
+    config.yaml records the precision it trained in; an explicit ``--trainer.precision`` always wins."""
+    precision, reason = precision_for(accelerator)
     if rank_zero_only.rank == 0:  # DDP starts one process per device, and each makes the same choice
         print(f"precision: {precision} ({reason})")
+    return precision

@@ -9,15 +9,15 @@ as best.
 """
 
 import functools
-import pickle
-import re
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from mnist_lit.errors import UserError, first_line
+from mnist_lit.errors import UserError
+from mnist_lit.logger import run_folders
 
 NOT_A_CHECKPOINT = (
     "is not a Lightning checkpoint (a .ckpt file that fit writes): it is truncated or another kind of file"
@@ -79,12 +79,6 @@ class Run:
         return newest, None
 
 
-def run_folders(log_root: Path, prefix: str = "version") -> list[Path]:
-    """The ``<prefix>_N`` folders under ``log_root`` (training runs: ``version_N``), highest N first."""
-    folders = [d for d in log_root.glob(f"{prefix}_*") if re.fullmatch(rf"{re.escape(prefix)}_\d+", d.name)]
-    return sorted(folders, key=lambda d: int(d.name.rsplit("_", 1)[1]), reverse=True)
-
-
 def newest_run(log_root: Path) -> Run:
     """The ``version_N`` folder under ``log_root`` with the highest N that holds a checkpoint."""
     run = next((run for run in map(Run, run_folders(log_root)) if run.checkpoints), None)
@@ -102,31 +96,16 @@ def load_checkpoint(path: Path) -> dict:
     Raises UserError, naming the file, when it is missing, is not a checkpoint, is cut short, or holds
     objects other than tensors and plain data (whose unpickling could run code: refused unread).
     """
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint {path} is a folder: give a .ckpt file in it, e.g. {path}/last.ckpt")
     if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} does not exist (or is not a file)")
+        raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's paragraph has one line on what it met: a GLOBAL (a class or function, which
-        # unpickling would call) is a refusal; anything else (an unknown opcode...) is not a pickle.
-        lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in str(err).splitlines()]
-        why = next((line for line in lines if "GLOBAL" in line), None)
-        if why is None:
-            raise UserError(
-                f"{path} {NOT_A_CHECKPOINT} "
-                f"({next((line for line in lines if 'nsupported' in line), first_line(err))})"
-            ) from err
-        raise UserError(
-            f"{path} was refused: it holds objects other than tensors and plain data, and loading them "
-            f"could run code ({why.split('. ')[0].rstrip('.')})"
-        ) from err
     except Exception as err:  # garbage makes the (code-free) unpickler fail in any number of ways
-        # torch's own words for these run to a paragraph about zip archives; the first clause says enough.
-        detail = first_line(err).split(". ")[0]
-        raise UserError(
-            f"{path} {NOT_A_CHECKPOINT} "
-            f"({err.__class__.__name__}{': ' + detail if detail != err.__class__.__name__ else ''})"
-        ) from err
+        from mnist_lit.messages import checkpoint_refused
+
+        raise UserError(checkpoint_refused(path, err, NOT_A_CHECKPOINT)) from err
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise UserError(f"{path} is not a Lightning checkpoint: it has no state_dict")
     return state
@@ -157,3 +136,51 @@ def check_checkpoint_fits(checkpoint: dict, path: Path, model: torch.nn.Module) 
     extra = sorted(set(saved) - set(wanted))
     if extra:
         raise UserError(f"{path} is a checkpoint of a different model: it has {extra[0]}, this one has not")
+
+
+def evaluation_args(given: list[str], command: str, checkpoint: Path | None, log_root: Path) -> list[str]:
+    """An evaluation's command line with what its run adds: a bare evaluation means the newest run's best
+    checkpoint, and a run's checkpoint brings the data settings that run was trained with.
+
+    The run's settings go before the user's own flags, so that any ``--data.*`` flag given still wins.
+    (The model's settings come from the checkpoint itself: Lightning restores them after parsing.)
+    """
+    args = list(given)
+    if checkpoint is None:
+        checkpoint, score = newest_run(log_root).best_checkpoint()
+        args.append(f"--ckpt_path={checkpoint}")
+        print(f"{command}: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
+    run = Run.of_checkpoint(checkpoint)
+    if run is not None and run.settings("data"):
+        args.insert(args.index(command) + 1, f"--data={json.dumps(run.settings('data'))}")
+    return args
+
+
+def log_into_run(logger_settings, checkpoint: Path, command: str) -> str | None:
+    """Point the logger's settings (save_dir, name, version) into the run that ``checkpoint`` belongs to.
+
+    An evaluation logs inside the run whose checkpoint it evaluates (``version_N/test_M``), so that the
+    training runs stay the only ``version_N`` folders; a resumed ``fit`` goes on in the run it resumes, so
+    that TensorBoard shows one run with one continuous curve. Returns "resumed", "inside", or None for a
+    checkpoint that is not a run's.
+    """
+    run = Run.of_checkpoint(checkpoint)
+    if run is None:
+        return None
+    if command == "fit":
+        logger_settings.save_dir, logger_settings.name = str(run.log_dir.parent), ""
+        logger_settings.version = run.log_dir.name
+        return "resumed"
+    logger_settings.save_dir, logger_settings.name = str(run.log_dir), ""
+    return "inside"
+
+
+def check_resumable(checkpoint: dict, path: Path, max_epochs: int | None) -> None:
+    """Raise UserError when resuming ``checkpoint`` would train nothing: it has its epochs already."""
+    done = epochs_completed(checkpoint)
+    if max_epochs is not None and max_epochs >= 0 and done >= max_epochs:
+        raise UserError(
+            f"{path} has already trained {done} epoch(s), and --trainer.max_epochs is {max_epochs}: there is "
+            f"nothing left to train; to train further, pass --trainer.max_epochs {done + 5} (or any number "
+            "above the epochs done)"
+        )

@@ -29,3 +29,10 @@ def stats(data_dir: str = "./data", download: bool = True) -> None:
         f"MNIST training set: {len(images)} images of {images.shape[-2]}x{images.shape[-1]} pixels in [0, 1]"
     )
     print(f"mean {mean:.4f}  std {std:.4f}")
+
+
+def main(argv: list[str]) -> None:
+    """``python -m mnist_lit stats ARGS`` (routed here by __main__.py)."""
+    from mnist_lit.cli import run_function
+
+    run_function(stats, argv, prefix="data")

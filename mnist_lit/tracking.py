@@ -1,6 +1,6 @@
-"""What every run records about itself: its HPARAMS row, learning rate, epoch times, and a closing summary.
+"""What a run records about itself: its row in TensorBoard's HPARAMS tab, its epoch times, and a summary.
 
-The CLI adds these callbacks to every command (``--hparams_row.*``, ``--lr_monitor.*``, ...).
+Callbacks that mnist_lit/defaults/*.yaml gives each command.
 """
 
 import math
@@ -9,12 +9,10 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.table import Table
-
-from mnist_lit.runs import Run
 
 # The HPARAMS tab's metric columns. TensorBoard fills each from the run's own scalar of that tag (a fit
 # run has val/acc_best, a test run test/acc and its checkpoint's val/acc_best), so no placeholder value
@@ -55,6 +53,8 @@ class HparamsRow(Callback):
         if "PL_GLOBAL_SEED" in os.environ:  # set by seed_everything, which the CLI always calls
             params["seed"] = int(os.environ["PL_GLOBAL_SEED"])
         if command != "fit" and trainer.ckpt_path:
+            from mnist_lit.runs import Run
+
             params["ckpt_path"] = str(trainer.ckpt_path)
             run = Run.of_checkpoint(Path(trainer.ckpt_path))
             seed = run.seed() if run else None  # the seed and epochs it was trained with
@@ -84,25 +84,6 @@ def _hparam_value(value: object) -> bool | int | float | str:
     return value if isinstance(value, bool | int | float | str) else str(value)
 
 
-class LearningRateLog(LearningRateMonitor):
-    """Lightning's LearningRateMonitor (``lr-Adam`` at every logged step), silent in runs without a logger.
-
-    The plain callback raises when ``--trainer.logger false``; this one just has nothing to do then.
-    """
-
-    def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        if trainer.loggers:
-            super().on_train_start(trainer, *args, **kwargs)
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        if trainer.loggers:
-            super().on_train_batch_start(trainer, *args, **kwargs)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        if trainer.loggers:
-            super().on_train_epoch_start(trainer, *args, **kwargs)
-
-
 class EpochTimer(Callback):
     """Logs ``time/epoch_s``: wall time of each epoch, its training and its validation together."""
 
@@ -125,10 +106,8 @@ class EpochTimer(Callback):
 
 
 def print_fit_summary(trainer: L.Trainer) -> None:
-    """Prints a small table when ``fit`` ends: epochs, steps, epoch time, final losses and accuracies.
-
-    (``test`` needs none of its own: Lightning prints its table of test metrics.)
-    """
+    """When ``fit`` ends: a small table (epochs, steps, epoch time, final losses and accuracies) and the best
+    checkpoint. (``test`` needs none of its own: Lightning prints its table of test metrics.)"""
     if not trainer.is_global_zero:
         return
     table = Table(title="fit summary", show_header=False)
@@ -136,9 +115,14 @@ def print_fit_summary(trainer: L.Trainer) -> None:
     table.add_row("steps", str(trainer.global_step))
     times = next((cb.times for cb in trainer.callbacks if isinstance(cb, EpochTimer) and cb.times), None)
     if times:
-        table.add_row("time/epoch_s", f"{sum(times) / len(times):.1f} (mean of {len(times)})")
+        table.add_row(EPOCH_TIME_TAG, f"{sum(times) / len(times):.1f} (mean of {len(times)})")
     metrics = trainer.callback_metrics
     for name in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best"):
         if name in metrics:
             table.add_row(name.removesuffix("_epoch"), f"{float(metrics[name]):.4f}")
     Console().print(table)
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_path:
+        score = checkpoint.best_model_score
+        score_text = "" if score is None else f" with {checkpoint.monitor} {float(score):.4f}"
+        print(f"Best checkpoint: {checkpoint.best_model_path}{score_text}")

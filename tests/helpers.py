@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_lit.cli import main
+from mnist_lit.__main__ import main
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -62,7 +62,7 @@ def cli(*args: str) -> None:
     """`python -m mnist_lit ARGS`, in-process: the flags arrive as a user's would, on the command line."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", ["mnist_lit", *args])
-        main()
+        main(list(args))
 
 
 def error_of(*args: str) -> str:
@@ -112,6 +112,19 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def session_processes(session: int) -> list[int]:
+    """The processes still alive in session ``session`` (one that Guarded or running_server started)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            alive.append(int(stat.parent.name))
+    return alive
 
 
 def _signal_all(pids: list[int], signum: int) -> None:

@@ -2,12 +2,9 @@
 and stalling one DDP rank."""
 
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
-
-from mnist_lit import distributed
 
 
 class Pace(L.Callback):
@@ -32,14 +29,12 @@ class Pace(L.Callback):
 class StallRank(L.Callback):
     """Rank ``rank`` stalls for ``seconds`` at the end of epoch 0, before the epoch's collectives.
 
-    The other ranks wait for it inside a collective: this is a rank that stopped agreeing. For the test,
-    the project's DDP timeout is shortened to ``timeout_s`` (set before the CLI builds the strategy).
+    The other ranks wait for it inside a collective: this is a rank that stopped agreeing.
     """
 
-    def __init__(self, rank: int = 1, seconds: float = 600, timeout_s: float = 15) -> None:
+    def __init__(self, rank: int = 1, seconds: float = 600) -> None:
         self.rank = rank
         self.seconds = seconds
-        distributed.DEFAULT_TIMEOUT = timedelta(seconds=timeout_s)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.global_rank == self.rank and trainer.current_epoch == 0:

@@ -2,6 +2,7 @@
 
 import csv
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lit.precision import precision_for
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import CONFIGS, QUICK, cli, fit_args
+from tests.helpers import CONFIGS, QUICK, cli, error_of, fit_args
 
 
 def checkpoints(workdir, version=0):
@@ -88,14 +89,29 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist
     cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2"))  # version_0: uninterrupted
     cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=1"))  # version_1: stops after one epoch
     last = workdir / "lightning_logs/version_1/checkpoints/last.ckpt"
-    cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2", f"--ckpt_path={last}"))  # version_2: resumed
+    cli(
+        *fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2", f"--ckpt_path={last}")
+    )  # goes on in version_1
+    assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0", "version_1"]
     straight, resumed = (
-        load_checkpoint(workdir / f"lightning_logs/version_{v}/checkpoints/last.ckpt") for v in (0, 2)
+        load_checkpoint(workdir / f"lightning_logs/version_{v}/checkpoints/last.ckpt") for v in (0, 1)
     )
     assert resumed["epoch"] == straight["epoch"] == 1
     assert resumed["global_step"] == straight["global_step"] == 10
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    # One run in TensorBoard, its curves going on where they stopped: the same points as version_0's.
+    for tag in ("val/acc", "train/loss_epoch", "epoch"):
+        assert curve(workdir / "lightning_logs/version_1", tag) == curve(
+            workdir / "lightning_logs/version_0", tag
+        )
+
+
+def curve(run: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every point a run's event files hold for ``tag``, in step order."""
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return sorted((event.step, event.value) for event in events.Scalars(tag))
 
 
 def test_validate_and_predict_use_the_newest_run(workdir, mnist_dir, capsys):
@@ -135,19 +151,22 @@ def test_evaluation_takes_the_model_settings_from_the_checkpoint(workdir, mnist_
     assert saved["model"]["label_smoothing"] == 0.2
 
 
-def test_help_lists_the_commands_as_lightningcli_does(capsys):
-    # `--help` alone builds no command's parser; `--print_config --help` builds all four (the full
-    # LightningCLI) and stops at the same help: the two texts must be the same.
-    helps = []
-    for args in (["--help"], ["--print_config", "--help"], ["-h"]):
+def test_help_lists_every_command_with_its_summary(capsys):
+    for args in (["--help"], ["-h"]):
         with pytest.raises(SystemExit) as exit_info:
             cli(*args)
         assert exit_info.value.code == 0
-        helps.append(capsys.readouterr().out)
-    assert helps[0] == helps[1] == helps[2]
-    for command in ("fit", "validate", "test", "predict"):
-        assert re.search(rf"^ +{command} +\w", helps[0], re.MULTILINE), command  # listed, with its summary
-    assert "`tune`" in helps[0]
+        text = capsys.readouterr().out
+        usage = "usage: python -m mnist_lit {fit,validate,test,predict,export,stats,serve,tune}"
+        assert text.startswith(usage)
+        for command in ("fit", "validate", "test", "predict", "export", "stats", "serve", "tune"):
+            assert re.search(rf"^ +{command} +\w", text, re.MULTILINE), command  # listed, with its summary
+
+
+def test_a_run_that_trains_nothing_is_refused_and_leaves_nothing(workdir, mnist_dir):
+    message = error_of(*fit_args(mnist_dir, "--trainer.max_epochs=0"))
+    assert "--trainer.max_epochs 0 trains nothing" in message
+    assert not (workdir / "lightning_logs").exists()
 
 
 def test_print_config_shows_the_recipe(capsys):

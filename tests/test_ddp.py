@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_lit.distributed import with_timeout
 from mnist_lit.runs import load_checkpoint
 from tests.helpers import (
     CONFIGS,
@@ -27,12 +26,14 @@ from tests.helpers import (
     cli,
     idx_bytes,
     run_guarded,
+    session_processes,
     synthetic_digits,
     wait_all,
     write_mnist,
 )
 
-DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+# As README shows it: the DDP preset added to the recipe.
+DDP = [f"--config={CONFIGS / 'ddp.yaml'}", "--trainer.accelerator=cpu", "--trainer.devices=2"]
 GUARD = 300  # seconds a DDP run may take on a busy 2-core machine before it counts as hung
 N_TEST = 201  # odd: a sampler that pads the two ranks' shares to equal length counts an image twice
 N_VAL = 101
@@ -84,17 +85,12 @@ def test_no_log_call_syncs_lazily():
                 pytest.fail(f"{path.name}:{node.value.lineno}: sync_dist in a log call; see distributed.py")
 
 
-def test_plain_ddp_gets_the_projects_timeout_and_other_strategies_are_kept():
-    for strategy, accelerator, devices, nodes in [
-        ("ddp", "cpu", 2, 1),
-        ("auto", "gpu", "0,1", 1),
-        ("auto", "cpu", 1, 2),
-    ]:
-        assert isinstance(with_timeout(strategy, accelerator, devices, nodes), DDPStrategy)
-    for strategy, accelerator, devices in [("auto", "cpu", 1), ("auto", "auto", "auto"), ("fsdp", "gpu", 2)]:
-        assert with_timeout(strategy, accelerator, devices, 1) == strategy
-    mine = DDPStrategy(timeout=timedelta(hours=1))
-    assert with_timeout(mine, "gpu", 2, 1) is mine
+def test_the_ddp_preset_bounds_how_long_a_rank_waits(capsys):
+    with pytest.raises(SystemExit):
+        cli("fit", f"--config={CONFIGS / 'mnist.yaml'}", *DDP, "--print_config")
+    strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    assert strategy["init_args"]["timeout"] in ("0:05:00", timedelta(minutes=5))  # torch's is 30 minutes
 
 
 @pytest.mark.slow
@@ -164,12 +160,13 @@ def test_divergence_under_ddp_stops_every_rank_with_one_clear_line(tmp_path, mni
 
 @pytest.mark.slow
 def test_a_stalled_rank_ends_the_run_with_one_line_naming_the_rank(tmp_path, mnist_dir):
-    # Rank 1 stalls before the epoch's collectives; the project's DDP timeout, shortened to 60 s by the
-    # test callback (it also bounds rank 1's start), ends the run: torch's default would wait 30 minutes.
-    stall = ["--trainer.callbacks+=tests.pacing.StallRank", "--trainer.callbacks.timeout_s=60"]
+    # Rank 1 stalls before the epoch's collectives; the preset's DDP timeout, shortened to 60 s here,
+    # ends the run and the stalled rank with it: torch's default would wait 30 minutes.
+    stall = ["--trainer.callbacks+=tests.pacing.StallRank", "--trainer.strategy.timeout=0:01:00"]
     fit = ["fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100", *QUICK, *DDP, *stall]
     started = time.monotonic()
-    proc = run_guarded(mnist_cli(*fit), tmp_path, GUARD)
+    run = Guarded(mnist_cli(*fit), tmp_path, GUARD)
+    proc = run.wait()
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
@@ -178,6 +175,8 @@ def test_a_stalled_rank_ends_the_run_with_one_line_naming_the_rank(tmp_path, mni
     assert "model.py" in errors[0] and "on_train_epoch_end" in errors[0]  # what rank 0 was doing
     assert "--trainer.strategy.timeout=" in errors[0]  # how to wait longer
     assert time.monotonic() - started < GUARD
+    time.sleep(1)  # the kernel's SIGKILL to the orphaned rank (__main__.end_with_launcher)
+    assert not session_processes(run.proc.pid), "a rank outlived the run"
 
 
 def free_port() -> int:
@@ -194,7 +193,7 @@ def test_two_torchrun_nodes_train_one_run(tmp_path, mnist_dir):
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=mnist",
         "-m", "mnist_lit", "fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100",
-        "--trainer.max_epochs=2", "--trainer.num_nodes=2", "--trainer.strategy=ddp",
+        "--trainer.max_epochs=2", "--trainer.num_nodes=2", f"--config={CONFIGS / 'ddp.yaml'}",
         "--trainer.accelerator=cpu", "--trainer.devices=1",
     ]  # fmt: skip
     nodes = [Guarded(torchrun, tmp_path, GUARD) for _ in range(2)]
@@ -250,13 +249,14 @@ def test_stopped_mid_epoch_under_ddp_saves_a_checkpoint_that_resumes_exactly(
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
     stopped = "training stopped by a signal at epoch 1, step "
-    assert errors and all(stopped in line for line in errors), proc.stderr[-3000:]
+    assert len(errors) == 1 and stopped in errors[0], proc.stderr[-3000:]  # said once, not once per rank
     assert f"--ckpt_path={last}" in errors[0]
     assert 13 < load_checkpoint(last)["global_step"] < 26, "not stopped inside epoch 1"
 
     proc = run_guarded(mnist_cli(*stoppable_fit(mnist_dir), f"--ckpt_path={last}"), tmp_path, GUARD)
     assert_clean(proc, "resumed fit")
-    resumed = load_checkpoint(tmp_path / "lightning_logs/version_1/checkpoints/last.ckpt")
+    assert [p.name for p in runs(tmp_path)] == ["version_0"]  # the resumed run goes on in its own folder
+    resumed = load_checkpoint(last)
     assert resumed["global_step"] == uninterrupted_ddp["global_step"] == 26
     for key, value in uninterrupted_ddp["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)

@@ -110,7 +110,8 @@ def test_val_size_as_large_as_the_training_set(workdir, mnist_dir):
         ("--model.lr=-0.1", "--model.lr: Not of type PositiveFloat"),
         ("--model.label_smoothing=1.5", "--model.label_smoothing: Not of type ClosedUnitInterval"),
         ("--data.batchsize=3", "unrecognized arguments: --data.batchsize=3"),
-        ("--trainer.max_epoch=3", "unrecognized arguments: --trainer.max_epoch=3"),  # no abbreviations
+        # No abbreviations, and the closest flag named.
+        ("--trainer.max_epoch=3", "--trainer.max_epoch=3 (see --help): did you mean --trainer.max_epochs?"),
         ("--trainer.max_epochs=three", "--trainer.max_epochs: expected an integer (or null), got 'three'"),
         ("--config=no/such.yaml", "--config: File does not exist"),
     ],
@@ -122,7 +123,10 @@ def test_bad_flag_is_one_line(workdir, mnist_dir, capsys, flag, expected):
 
 def test_unknown_command_lists_every_command(capsys):
     message = parse_error_of(capsys, "fitt")
-    assert "unknown command 'fitt': choose from fit, validate, test, predict, export, stats" in message
+    assert (
+        "unknown command 'fitt': did you mean 'fit'? choose from fit, validate, test, predict, export"
+        in message
+    )
 
 
 def test_unknown_key_in_a_config_file_is_one_line(workdir, mnist_dir, capsys):

