@@ -234,7 +234,7 @@ def run_recipe(
 ) -> dict:
     """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder."""
     from mnist_lit.allocator import keep_freed_memory
-    from mnist_lit.cli import main
+    from mnist_lit.__main__ import main
 
     keep_freed_memory()  # as `python -m mnist_lit` does
 
@@ -274,7 +274,7 @@ def run_recipe(
 def _last_test_acc(log_root: Path) -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mnist_lit.runs import run_folders
+    from mnist_lit.logger import run_folders
 
     newest = run_folders(run_folders(log_root)[0], "test")[0]  # the fit run's newest test run
     events = EventAccumulator(str(newest))

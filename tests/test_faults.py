@@ -66,14 +66,13 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, mnist
     assert last.stat().st_mtime_ns != saved_after_epoch_0, "the stop was not saved"
     assert STEPS_PER_EPOCH < stopped["global_step"] < 2 * STEPS_PER_EPOCH, "not stopped inside epoch 1"
 
-    cli(*fit_flags(mnist_dir), f"--ckpt_path={last}")
-    finished_run = workdir / "lightning_logs/version_1/checkpoints/last.ckpt"
+    cli(*fit_flags(mnist_dir), f"--ckpt_path={last}")  # goes on in version_0
     with pytest.raises(SystemExit) as finished:  # again: the checkpoint has done its max_epochs already
-        cli(*fit_flags(mnist_dir), f"--ckpt_path={finished_run}")
+        cli(*fit_flags(mnist_dir), f"--ckpt_path={last}")
     assert "has already trained 2 epoch(s), and --trainer.max_epochs is 2" in str(finished.value.code)
     assert "--trainer.max_epochs 7" in str(finished.value.code)
-    assert not (workdir / "lightning_logs/version_2").exists()
-    resumed = load_checkpoint(workdir / "lightning_logs/version_1/checkpoints/last.ckpt")
+    assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0"]
+    resumed = load_checkpoint(last)
     assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS_PER_EPOCH
     for key, value in uninterrupted["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)

@@ -7,7 +7,8 @@ import torch
 
 from mnist_lit.errors import UserError
 from mnist_lit.model import MNISTClassifier
-from mnist_lit.runs import Run, check_checkpoint_fits, load_checkpoint, newest_run, run_folders
+from mnist_lit.logger import run_folders
+from mnist_lit.runs import Run, check_checkpoint_fits, load_checkpoint, newest_run
 
 
 def save_checkpoint(path, best_name: str | None = None, score: float | None = None, mtime: int = 0):

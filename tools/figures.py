@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.report import CONFUSION_MATRIX_TAG, MISTAKES_TAG
-from mnist_lit.runs import run_folders
+from mnist_lit.logger import run_folders
 
 # (panel title, [(scalar tag, curve label), ...]): the per-epoch values the model logs.
 CURVES = (

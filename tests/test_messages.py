@@ -1,0 +1,74 @@
+"""The libraries' own words, as they are today, rewritten into one line: each test feeds a real error from the
+library (jsonargparse, torch.load, c10d) to messages.py, so a change of their wording fails here first."""
+
+import datetime
+import pickle
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveFloat
+
+from mnist_lit import messages
+
+
+def jsonargparse_error(*args: str) -> str:
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--epochs", type=int | None)
+    parser.add_argument("--lr", type=PositiveFloat)
+    with pytest.raises(Exception) as error:  # jsonargparse's ArgumentError
+        parser.parse_args(list(args))
+    return str(error.value)
+
+
+def test_a_wrong_type_is_named_in_words():
+    text = jsonargparse_error("--epochs=three")
+    assert messages.UNION_ERROR.search(" ".join(text.split())), text  # the wording the rewrite reads
+    assert messages.readable(text).startswith("--epochs: expected an integer (or null), got 'three'")
+
+
+def test_an_unknown_flag_gets_the_closest_known_one():
+    text = jsonargparse_error("--epoch=3")
+    assert messages.UNKNOWN_KEY.search(text), text
+    assert messages.readable(text, ["--epochs", "--lr"]).endswith("did you mean --epochs?")
+    assert messages.readable(text, ["--lr"]).endswith("(see --help)")  # nothing close: no guess
+
+
+def test_a_checkpoint_that_would_run_code_is_named_with_what_it_holds(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": print}, path)  # pickles a GLOBAL: a function to call
+    with pytest.raises(pickle.UnpicklingError) as error:
+        torch.load(path, weights_only=True)
+    line = messages.checkpoint_refused(path, error.value, "is not a checkpoint")
+    assert line.startswith(f"{path} was refused: it holds objects other than tensors and plain data")
+    assert "GLOBAL" in line and "\n" not in line
+
+
+def test_garbage_is_not_a_checkpoint_in_one_line(tmp_path):
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(b"\x80\x02garbage that is no pickle")
+    with pytest.raises(Exception) as error:
+        torch.load(path, weights_only=True)
+    line = messages.checkpoint_refused(path, error.value, "is not a checkpoint")
+    assert line.startswith(f"{path} is not a checkpoint (") and "\n" not in line
+
+
+def test_ranks_that_never_joined_are_counted():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RuntimeError) as error:  # rank 0 of 2 waits for a rank 1 that never starts
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+            timeout=datetime.timedelta(seconds=1),
+        )  # fmt: skip
+    line = messages.stalled_message(error.value)
+    assert line is not None, str(error.value)
+    assert line.startswith("only 1 of 2 processes started within ") and "--trainer.strategy.timeout" in line
+
+
+def test_other_errors_are_not_taken_for_a_stalled_rank():
+    assert messages.stalled_message(RuntimeError("CUDA out of memory")) is None
+    assert messages.stalled_message(ValueError("Timed out")) is None
