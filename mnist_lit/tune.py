@@ -16,12 +16,14 @@ import importlib
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -367,13 +369,21 @@ def open_storage(url: str) -> RDBStorage:
     # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        with optuna_experimental():
-            return RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            )
+        for attempt in range(3):
+            try:
+                with optuna_experimental():
+                    return RDBStorage(
+                        url,
+                        engine_kwargs=engine,
+                        heartbeat_interval=HEARTBEAT_S,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                    )
+            # Workers that start together on a new database all create its tables: the losers find them
+            # half made (a duplicate table or version row) and, a moment later, made.
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 2:
+                    raise
+                time.sleep(1)
     except ImportError:  # Optuna's words name no module
         dialect = url.split("://", 1)[0]
         raise UserError(
