@@ -13,6 +13,7 @@ trial back in the queue. Several workers are the same command run several times 
 import argparse
 import difflib
 import importlib
+import io
 import json
 import os
 import sys
@@ -47,25 +48,17 @@ SEARCH_KEYS = ("params", "sampler", "pruner", "enqueue")
 # is not retried for ever).
 HEARTBEAT_S = 30
 MAX_RETRY = 3
-# Settings of the search's run, not of the recipe: best.yaml leaves them out and names them in a comment.
+# Settings (or prefixes) of the search's run, not of the recipe: best.yaml names them in a comment only.
 NOT_RECIPE = (
     "data.data_dir",
-    "trainer.limit_train_batches",
-    "trainer.limit_val_batches",
-    "trainer.limit_test_batches",
-    "trainer.limit_predict_batches",
-    "trainer.fast_dev_run",
+    "trainer.limit_",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
 )
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during a trial (an Exception, so that Optuna records the trial as failed)."""
-
-    def __init__(self, number: int) -> None:
-        super().__init__(f"trial {number} stopped by a signal")
-        self.number = number
+    """Ctrl-C or SIGTERM during trial ``args[0]`` (an Exception: Optuna records the trial as failed)."""
 
 
 class StudyFull(Exception):
@@ -100,37 +93,22 @@ def load_search(path: str) -> dict:
     return search
 
 
-def _number(value: object, where: str) -> int | float:
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UserError(f"{where} must be a number, not {value!r}")
-    return value
-
-
 def distribution(name: str, spec: object, path: str) -> BaseDistribution:
     """One parameter's Optuna distribution: a list of choices, or ``{low, high[, log][, step]}``."""
     where = f"{path}: {name}"
+    if isinstance(spec, list) and spec:
+        return CategoricalDistribution(spec)
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) <= {"low", "high", "log", "step"}:
+        raise UserError(
+            f"{where}: give a non-empty list of choices, or {{low, high}} with optional log, step"
+        )
+    low, high, step, log = spec["low"], spec["high"], spec.get("step"), bool(spec.get("log"))
     try:
-        if isinstance(spec, list):
-            if not spec:
-                raise UserError(f"{where}: the list of choices is empty")
-            return CategoricalDistribution(spec)
-        keys = set(spec) if isinstance(spec, dict) else set()
-        if not {"low", "high"} <= keys or keys - {"low", "high", "log", "step"}:
-            raise UserError(f"{where}: give a list of choices or {{low, high}} with optional log and step")
-        low, high = _number(spec["low"], f"{where}: low"), _number(spec["high"], f"{where}: high")
-        if low > high:
-            raise UserError(f"{where}: the range is empty (low {low} > high {high})")
-        step, log = spec.get("step"), bool(spec.get("log", False))
-        if all(isinstance(v, int) for v in (low, high, step or 1)):
+        if all(type(v) is int for v in (low, high, step or 1)):
             return IntDistribution(low, high, log=log, step=step or 1)
-        step = None if step is None else float(_number(step, f"{where}: step"))
-        return FloatDistribution(float(low), float(high), log=log, step=step)
-    except ValueError as err:  # Optuna's own checks, e.g. a log range that starts at 0
+        # float(): YAML 1.1 reads 1e-4 (no dot) as a string.
+        return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+    except (TypeError, ValueError) as err:  # not a number, or Optuna's checks: low > high, a log range from 0
         raise UserError(f"{where}: {err}") from None
 
 
@@ -181,17 +159,6 @@ def suggest(trial: Trial, name: str, dist: BaseDistribution) -> object:
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
-
-
-def recipe_flags(fit_args: list[str]) -> list[str]:
-    """The ``--config`` flags among fit's flags: the recipe alone, without the other settings."""
-    kept = []
-    for i, arg in enumerate(fit_args):
-        if arg.startswith("--config="):
-            kept.append(arg)
-        elif arg == "--config" and i + 1 < len(fit_args):
-            kept += [arg, fit_args[i + 1]]
-    return kept
 
 
 def _short(value: object) -> str:
@@ -269,15 +236,18 @@ class Study:
             self.study.enqueue_trial(wanted, skip_if_exists=True)
 
     def taken(self, before: int | None = None) -> tuple[int, int]:
-        """(finished, running) trials of the whole study, every worker's; those numbered below ``before``."""
+        """(finished, running) trials of the whole study, every worker's; those numbered below ``before``.
+
+        A dead worker's trial (no heartbeat for two intervals) is first failed and queued again.
+        """
+        with optuna_experimental():
+            optuna.storages.fail_stale_trials(self.study)
         trials = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
         trials = [t for t in trials if before is None or t.number < before]
         finished = sum(t.state in FINISHED for t in trials)
         return finished, len(trials) - finished
 
     def run(self) -> None:
-        with optuna_experimental():  # trials of dead workers are queued again before counting
-            optuna.storages.fail_stale_trials(self.study)
         finished, running = self.taken()
         searched = ", ".join(self.space) or "nothing (every parameter is fixed)"
         elsewhere = f", {running} running elsewhere" if running else ""
@@ -293,7 +263,7 @@ class Study:
             except StudyFull:
                 break
             except Interrupted as stop:
-                trial = self.study.get_trials(deepcopy=False)[stop.number]
+                trial = self.study.get_trials(deepcopy=False)[stop.args[0]]
                 with optuna_experimental():  # the same queueing as for a dead worker's trial
                     RetryHeartbeatStaleTrialCallback()(self.study, trial)
                 raise UserError(
@@ -304,8 +274,6 @@ class Study:
                 raise UserError(
                     "interrupted: stopped by a signal as a trial ended; run the same command again"
                 )
-            with optuna_experimental():
-                optuna.storages.fail_stale_trials(self.study)
 
     def objective(self, trial: Trial) -> float:
         if sum(self.taken(before=trial.number)) >= self.n_trials:
@@ -437,17 +405,15 @@ def best_recipe(study: Study, best: FrozenTrial) -> str:
     """best.yaml: the recipe, the flags that fixed settings and the best trial's values, as a recipe.
 
     What differs from fit's defaults (jsonargparse's ``skip_default``). The search's own run settings
-    (NOT_RECIPE: data folder, batch limits, progress bar...) are the recipe's again, and named in a
-    comment, so that ``fit --config best.yaml`` trains the full recipe.
+    (NOT_RECIPE: data folder, batch limits, progress bar...) are set back to fit's defaults and named in
+    a comment, so that ``fit --config best.yaml`` trains the full recipe.
     """
-    parser = study.parser
+    parser, defaults = study.parser, study.parser.get_defaults()
     config = parser.parse_args([*study.fit_args, *(flag(k, v) for k, v in best.params.items())])
-    recipe_alone = parser.parse_args(recipe_flags(study.fit_args))
     search_only = []
-    for key in NOT_RECIPE:
-        if config[key] != recipe_alone[key]:
-            search_only.append(flag(key, config[key]))
-            config[key] = recipe_alone[key]
+    for key in sorted(k for k in study.known if k.startswith(NOT_RECIPE) and config[k] != defaults[k]):
+        search_only.append(flag(key, config[key]))
+        config[key] = defaults[key]
     recipe = yaml.safe_load(parser.dump(config, skip_default=True)) or {}
     recipe = {"seed_everything": config.seed_everything, **recipe}  # explicit, whatever fit's default
     for name, value in best.params.items():  # searched values shown even where they equal the defaults
@@ -487,15 +453,13 @@ def write_plots(study: Study) -> list[Path]:
             except (ValueError, RuntimeError) as err:  # e.g. importances need two complete trials
                 study.console.print(f"{name} plot skipped: {err}")
                 continue
-        figure = axes.figure
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        path = study.folder / f"{name}.png"
-        tmp = path.with_suffix(f".{os.getpid()}.png")
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-        pyplot.close(figure)
-        written.append(path)
+        axes.figure.set_size_inches(8, 5)
+        axes.figure.tight_layout()
+        png = io.BytesIO()
+        axes.figure.savefig(png, format="png", dpi=100)
+        pyplot.close(axes.figure)
+        written.append(study.folder / f"{name}.png")
+        write_atomic(written[-1], png.getvalue())
     return written
 
 
@@ -534,7 +498,9 @@ def tune_parser() -> TuneParser:
     parser.add_argument(
         "--search", required=True, help="YAML file of the search space (configs/search.yaml)."
     )
-    parser.add_argument("--n_trials", type=positive, default=20, help="Finished trials the study is to have.")
+    parser.add_argument(
+        "--n_trials", type=positive, default=20, help="Finished trials the study is to have (default 20)."
+    )
     parser.add_argument("--storage", help="Optuna's storage, a database URL (sqlite:///..., postgresql://..."
                         ", mysql+pymysql://...); default sqlite:///tune/<study_name>/study.db.")  # fmt: skip
     parser.add_argument("--study_name", help="The study's name and folder tune/<study_name>/; default the "

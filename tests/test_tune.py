@@ -182,10 +182,10 @@ def test_rerun_of_a_finished_study_runs_nothing_more(study):
         ({"params": {"model.lr_schedul": ["onecycle"]}}, "(did you mean model.lr_schedule?)"),
         (
             {"params": {"model.lr": {"low": 0.1, "high": 0.01}}},
-            "model.lr: the range is empty (low 0.1 > high 0.01)",
+            "model.lr: `low <= high` must hold, but got (low=0.1, high=0.01)",
         ),
         ({"params": {"model.lr": {"low": 0, "high": 0.1, "log": True}}}, "model.lr: "),
-        ({"params": {"model.lr_schedule": []}}, "model.lr_schedule: the list of choices is empty"),
+        ({"params": {"model.lr_schedule": []}}, "model.lr_schedule: give a non-empty list of choices"),
         ({"params": {"model.label_smoothing": [0.1, 1.5]}}, "model.label_smoothing: 1.5 is refused by fit"),
         ({"params": {"model.lr": [0.1]}, "samplers": {}}, "unknown key 'samplers'"),
         ({"params": {"model.lr": [0.1]}, "pruner": "median"}, "pruner: give {class_path: optuna.pruners."),
