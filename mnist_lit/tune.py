@@ -2,64 +2,78 @@
 
     python -m mnist_lit tune --config configs/mnist.yaml --search configs/search.yaml --n_trials 20
 
-Every other flag is a ``fit`` flag and fixes that setting for all trials. Each trial is built by the
-project's LightningCLI from the recipe, the flags and the trial's values, so every default and check of
-``fit`` applies; Optuna's Lightning callback reports ``val/acc`` after each epoch and prunes hopeless
-trials. A study lives in ``tune/<study_name>/``: ``study.db`` (the default storage), ``trials/trial_N/``
-(each a fit run: config.yaml, checkpoints, TensorBoard events), ``best.yaml`` and the plots. Running
-the same command again resumes the study; other processes or machines pointed at the same storage
-share it.
+Every flag other than tune's own is a ``fit`` flag and fixes that setting for all trials. Each trial is
+built by the project's LightningCLI from the recipe, the flags and the trial's values, so every default
+and check of ``fit`` applies; Optuna's Lightning callback reports ``val/acc`` after each epoch and the
+pruner stops hopeless trials. Optuna does the rest: the storage (SQLite by default, any SQLAlchemy
+database URL), the sampler and pruner named in the search file, and heartbeats that put a dead worker's
+trial back in the queue. Several workers are the same command run several times on one storage.
 """
 
+import argparse
+import difflib
+import importlib
+import io
 import json
-import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import yaml
-from jsonargparse.typing import PositiveInt
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.engine import make_url
 
-from mnist_lit.cli import MNISTCLI, RUN_LOGGER, CommandParser, build_cli
-from mnist_lit.errors import UserError
+from mnist_lit.cli import build_cli
+from mnist_lit.errors import UserError, first_line
 from mnist_lit.faults import TrainingDiverged
 
 METRIC = "val/acc"  # reported after every epoch (pruning); a trial's value is its best, val/acc_best
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-PRUNERS = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
-SEARCH_KEYS = ("params", "pruner", "sampler", "enqueue")
-# A worker whose process died leaves its trial RUNNING; an RDB storage notices the missing heartbeats
-# and the retry callback queues the trial again.
+SEARCH_KEYS = ("params", "sampler", "pruner", "enqueue")
+# A worker that dies (killed, out of memory, power cut) stops beating; after two missed beats any worker
+# of the study fails its trial and queues it again, up to 3 times (a trial that kills its worker each time
+# is not retried for ever).
 HEARTBEAT_S = 30
-DESCRIPTION = (
-    "Hyperparameter search with Optuna: each trial is a `fit` of the recipe (--config) with values from "
-    "the search space (--search), pruned when hopeless. Every `fit` flag (--data.*, --model.*, "
-    "--trainer.*, --seed_everything) is accepted too and fixes that setting for all trials."
+MAX_RETRY = 3
+# Settings (or prefixes) of the search's run, not of the recipe: best.yaml names them in a comment only.
+NOT_RECIPE = (
+    "data.data_dir",
+    "trainer.limit_",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
 )
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during a trial: the trial is queued to run again, and the study stops."""
+    """Ctrl-C or SIGTERM during trial ``args[0]`` (an Exception: Optuna records the trial as failed)."""
 
 
 class StudyFull(Exception):
     """Another worker started the study's last trial a moment before this one: this one is not run."""
 
 
-# ---------------------------------------------------------------------------------------------- search
+@contextmanager
+def optuna_experimental() -> Iterator[None]:
+    """Optuna marks heartbeats, the retry callback and its matplotlib plots experimental: used on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------- search file
 
 
 def load_search(path: str) -> dict:
@@ -79,62 +93,52 @@ def load_search(path: str) -> dict:
     return search
 
 
-def _number(value: object, where: str) -> int | float:
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UserError(f"{where} must be a number, not {value!r}")
-    return value
-
-
-def distribution(name: str, spec: object, path: str) -> optuna.distributions.BaseDistribution:
+def distribution(name: str, spec: object, path: str) -> BaseDistribution:
     """One parameter's Optuna distribution: a list of choices, or ``{low, high[, log][, step]}``."""
     where = f"{path}: {name}"
+    if isinstance(spec, list) and spec:
+        return CategoricalDistribution(spec)
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) <= {"low", "high", "log", "step"}:
+        raise UserError(
+            f"{where}: give a non-empty list of choices, or {{low, high}} with optional log, step"
+        )
+    low, high, step, log = spec["low"], spec["high"], spec.get("step"), bool(spec.get("log"))
     try:
-        if isinstance(spec, list):
-            if not spec:
-                raise UserError(f"{where}: the list of choices is empty")
-            return optuna.distributions.CategoricalDistribution(spec)
-        keys = set(spec) if isinstance(spec, dict) else set()
-        if not {"low", "high"} <= keys or keys - {"low", "high", "log", "step"}:
-            raise UserError(f"{where}: give a list of choices or {{low, high}} with optional log and step")
-        low, high = _number(spec["low"], f"{where}: low"), _number(spec["high"], f"{where}: high")
-        if low > high:
-            raise UserError(f"{where}: the range is empty (low {low} > high {high})")
-        step, log = spec.get("step"), bool(spec.get("log", False))
-        if all(isinstance(v, int) for v in (low, high, step or 1)):
-            return optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
-        step = None if step is None else float(_number(step, f"{where}: step"))
-        return optuna.distributions.FloatDistribution(float(low), float(high), log=log, step=step)
-    except ValueError as err:  # Optuna's own checks, e.g. a log range that starts at 0
+        if all(type(v) is int for v in (low, high, step or 1)):
+            return IntDistribution(low, high, log=log, step=step or 1)
+        # float(): YAML 1.1 reads 1e-4 (no dot) as a string.
+        return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+    except (TypeError, ValueError) as err:  # not a number, or Optuna's checks: low > high, a log range from 0
         raise UserError(f"{where}: {err}") from None
 
 
-def suggest(trial: Trial, name: str, dist: optuna.distributions.BaseDistribution) -> object:
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return trial.suggest_categorical(name, dist.choices)
-    if isinstance(dist, optuna.distributions.IntDistribution):
-        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+def optuna_object(spec: object, key: str, base: type, path: str) -> object:
+    """The sampler or pruner the search file names: ``{class_path: optuna.pruners.MedianPruner, init_args}``.
+
+    Any class of that kind works, Optuna's or your own; None (the key left out) means Optuna's default.
+    """
+    if spec is None:
+        return None
+    example = f"{{class_path: {base.__module__.split('._')[0]}.ClassName, init_args: {{...}}}}"
+    if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
+        raise UserError(f"{path}: {key}: give {example}")
+    module, _, name = str(spec["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"{path}: {key}: no class {spec['class_path']!r}; give {example}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise UserError(f"{path}: {key}: {spec['class_path']} is not a {base.__name__}")
+    try:
+        return cls(**(spec.get("init_args") or {}))
+    except (TypeError, ValueError) as err:  # an argument it does not take, or a value it refuses
+        raise UserError(f"{path}: {key}: {spec['class_path']}: {err}") from None
 
 
-def flag(name: str, value: object) -> str:
-    return f"--{name}={value if isinstance(value, str) else json.dumps(value)}"
+# ------------------------------------------------------------------------------------------------ trials
 
 
-def given_keys(fit_args: list[str]) -> set[str]:
-    """The settings the user's flags give (``--model.lr 3e-3`` -> ``model.lr``); --config gives defaults."""
-    keys = {arg[2:].split("=", 1)[0] for arg in fit_args if arg.startswith("--")}
-    return keys - {"config"}
-
-
-# --------------------------------------------------------------------------------------------- trials
-
-
-def build_fit(args: list[str], callbacks: list | None = None) -> MNISTCLI:
+def build_fit(args: list[str], callbacks: list | None = None) -> LightningCLI:
     """The project's LightningCLI for a ``fit`` with these flags, classes instantiated, not yet run.
 
     The same classes, callbacks and defaults as ``python -m mnist_lit fit`` (tests/test_tune.py checks
@@ -142,180 +146,147 @@ def build_fit(args: list[str], callbacks: list | None = None) -> MNISTCLI:
     """
     with warnings.catch_warnings():  # "args and sys.argv both given": on purpose, tune's argv is not fit's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return _build_fit(args, callbacks)
+        return build_cli(args, run=False, callbacks=tuple(callbacks or ()))
 
 
-def _build_fit(args: list[str], callbacks: list | None) -> MNISTCLI:
-    return build_cli(args, run=False, callbacks=tuple(callbacks or ()))
+def flag(name: str, value: object) -> str:
+    return f"--{name}={value if isinstance(value, str) else json.dumps(value)}"
 
 
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Lightning's and its seeding's info lines held back (logging levels, restored after)."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+def suggest(trial: Trial, name: str, dist: BaseDistribution) -> object:
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 class Study:
     """One tune command: the search space, the fit flags, and the Optuna study they feed."""
 
-    def __init__(self, fit_args: list[str], search_path: str, n_trials: int, study_name: str | None) -> None:
-        self.search = load_search(search_path)
-        self.search_path = search_path
-        self.n_trials = n_trials
-        self.fit_args = fit_args
-        self.name = study_name or Path(search_path).stem
+    def __init__(self, fit_args: list[str], options: argparse.Namespace) -> None:
+        self.search_path, self.n_trials, self.fit_args = options.search, options.n_trials, fit_args
+        path = self.search_path
+        self.search = load_search(path)
+        dists = {name: distribution(name, spec, path) for name, spec in self.search["params"].items()}
+        self.sampler = optuna_object(self.search.get("sampler"), "sampler", optuna.samplers.BaseSampler, path)
+        self.pruner = optuna_object(self.search.get("pruner"), "pruner", optuna.pruners.BasePruner, path)
         # Piped to a file or a log, rich would cut the table to 80 columns and truncate the setting names.
         self.console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-        dists = {name: distribution(name, spec, search_path) for name, spec in self.search["params"].items()}
-        with quiet_lightning():  # a check: each trial prints Lightning's start-up lines itself
-            base = build_fit(fit_args)  # the user's recipe and flags, checked as fit checks them
+        base = build_fit(fit_args)  # the user's recipe and flags, checked as fit checks them
         self.parser = base.parser
-        self.known = set(base.config.keys())
+        self.name = options.study_name or Path(self.search_path).stem
         self.folder = Path(base.config.trainer.default_root_dir or ".") / "tune" / self.name
-        self.space = self._space(dists, given_keys(fit_args))
-        self.stop_requested = False
-
-    def _space(self, dists: dict, given: set[str]) -> dict:
-        space = {}
+        self.known = set(base.config.keys())
+        given = {arg[2:].split("=", 1)[0] for arg in fit_args if arg.startswith("--")} - {"config"}
+        self.space = {}
         for name, dist in dists.items():
-            if name not in self.known:
-                close = sorted(k for k in self.known if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1])
-                hint = f" (did you mean {close[0]}?)" if close else " (a fit flag without --, e.g. model.lr)"
-                raise UserError(f"{self.search_path}: unknown parameter {name!r}{hint}")
+            self._check_name(name)
             if name in given or name.split(".")[0] in given:
                 self.console.print(f"{name}: fixed by --{name}, not searched")
                 continue
-            self._check_values(name, dist)
-            space[name] = dist
-        return space
+            values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+            for value in values:
+                self.check({name: value})
+            self.space[name] = dist
+        self.stopping = False  # a signal came during a trial's last validation: stop after it
 
-    def _check_values(self, name: str, dist: optuna.distributions.BaseDistribution) -> None:
-        """Refuse now, naming the search file, a value that fit would refuse in the middle of the study."""
-        values = (
-            dist.choices
-            if isinstance(dist, optuna.distributions.CategoricalDistribution)
-            else (dist.low, dist.high)
-        )
+    def _check_name(self, name: str) -> None:
+        if name in self.known:
+            return
+        same_leaf = sorted(k for k in self.known if k.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1])
+        close = same_leaf or difflib.get_close_matches(name, sorted(self.known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else " (a fit flag without --, e.g. model.lr)"
+        raise UserError(f"{self.search_path}: unknown parameter {name!r}{hint}")
+
+    def check(self, values: dict) -> None:
+        """Refuse, naming the search file, values that fit would refuse in the middle of the study."""
         self.parser.exit_on_error = False  # raise, instead of printing fit's one line and exiting
         try:
-            for value in values:
-                try:
-                    self.parser.parse_args([*self.fit_args, flag(name, value)])
-                except Exception as err:
-                    reason = " ".join(str(err).split()).replace(f'Parser key "{name}":', "").strip()
-                    refused = f"{self.search_path}: {name}: {value!r} is refused by fit"
-                    raise UserError(f"{refused}: {reason}") from None
+            self.parser.parse_args([*self.fit_args, *(flag(k, v) for k, v in values.items())])
+        except Exception as err:  # jsonargparse's ArgumentError, or a check of ours at parse time
+            shown = ", ".join(f"{k}: {v!r}" for k, v in values.items())
+            reason = " ".join(str(err).split())
+            raise UserError(f"{self.search_path}: {shown} is refused by fit: {reason}") from None
         finally:
             self.parser.exit_on_error = True
 
     def open(self, storage: str | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.storage_url = storage or f"sqlite:///{self.folder / 'study.db'}"
-        pruner_spec = dict(self.search.get("pruner") or {"name": "median"})
-        pruner_name = pruner_spec.pop("name", "median")
-        try:
-            if pruner_name == "none":
-                pruner = optuna.pruners.NopPruner()
-            else:
-                pruner = PRUNERS[pruner_name](**pruner_spec)
-        except KeyError:
-            known = ", ".join([*PRUNERS, "none"])
-            raise UserError(f"{self.search_path}: pruner {pruner_name!r} is not one of {known}") from None
-        except (TypeError, ValueError) as err:
-            raise UserError(f"{self.search_path}: pruner: {err}") from None
-        try:
-            sampler = optuna.samplers.TPESampler(**(self.search.get("sampler") or {}))
-        except (TypeError, ValueError) as err:
-            raise UserError(f"{self.search_path}: sampler: {err}") from None
+        url = storage or f"sqlite:///{self.folder / 'study.db'}"
+        self.storage_shown = masked(url)
         self.study = optuna.create_study(
             study_name=self.name,
-            storage=open_storage(self.storage_url),
+            storage=open_storage(url),
             direction="maximize",
-            sampler=sampler,
-            pruner=pruner,
+            sampler=self.sampler,
+            pruner=self.pruner,
             load_if_exists=True,
         )
         if self.study.direction != optuna.study.StudyDirection.MAXIMIZE:
-            raise UserError(f"--storage {self.storage_url}: study {self.name!r} minimizes; tune maximizes")
+            raise UserError(f"--storage {self.storage_shown}: study {self.name!r} minimizes; tune maximizes")
         for params in self.search.get("enqueue") or []:
+            for name in params:
+                self._check_name(name)
             wanted = {k: v for k, v in params.items() if k in self.space}
-            unknown = sorted(set(params) - self.known)
-            if unknown:
-                raise UserError(f"{self.search_path}: enqueue: unknown parameter {unknown[0]!r}")
             self.study.enqueue_trial(wanted, skip_if_exists=True)
 
-    def counts(self) -> tuple[int, int]:
-        """(finished, running) trials of the whole study, every worker's."""
+    def taken(self, before: int | None = None) -> tuple[int, int]:
+        """(finished, running) trials of the whole study, every worker's; those numbered below ``before``.
+
+        A dead worker's trial (no heartbeat for two intervals) is first failed and queued again.
+        """
+        with optuna_experimental():
+            optuna.storages.fail_stale_trials(self.study)
         trials = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        trials = [t for t in trials if before is None or t.number < before]
         finished = sum(t.state in FINISHED for t in trials)
         return finished, len(trials) - finished
 
     def run(self) -> None:
-        finished, running = self.counts()
+        finished, running = self.taken()
         searched = ", ".join(self.space) or "nothing (every parameter is fixed)"
+        elsewhere = f", {running} running elsewhere" if running else ""
         self.console.print(
-            f"study {self.name!r} in {self.folder}/ ({self.storage_url}): {finished} of {self.n_trials} "
-            f"trials finished{f', {running} running elsewhere' if running else ''}; searching {searched}"
+            f"study {self.name!r} in {self.folder}/ ({self.storage_shown}): {finished} of {self.n_trials} "
+            f"trials finished{elsewhere}; searching {searched}"
         )
-        while True:
-            self.requeue_dead_trials()
-            finished, running = self.counts()
-            if finished + running >= self.n_trials:
-                break
+        while sum(self.taken()) < self.n_trials:
             try:
-                self.study.optimize(
-                    self.objective,
-                    n_trials=1,
-                    gc_after_trial=True,
-                    callbacks=[lambda _, trial: self.report_trial(trial)],
-                )
+                # One trial at a time, so that the count is looked at again between trials: other
+                # workers add to it. Optuna beats the trial's heartbeat while it runs.
+                self.study.optimize(self.objective, n_trials=1, gc_after_trial=True, callbacks=[self.report])
             except StudyFull:
                 break
-            if self.stop_requested:
-                raise Interrupted("stopped by a signal as a trial ended; run the same command again to go on")
-
-    def requeue_dead_trials(self) -> None:
-        """Trials left RUNNING by a worker process that died are failed and queued to run again.
-
-        Optuna sees them on a database by their missing heartbeats; on this machine, and for a journal
-        file too, by the worker's process id.
-        """
-        with warnings.catch_warnings():  # Optuna marks its heartbeat API experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.study)
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
-            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
-                continue
-            try:
-                self.study.tell(trial.number, state=TrialState.FAIL)
-            except (ValueError, RuntimeError):  # another worker of this machine got there first
-                continue
-            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            self.console.print(f"trial {trial.number}: its worker (pid {pid}) is gone; queued to run again")
+            except Interrupted as stop:
+                trial = self.study.get_trials(deepcopy=False)[stop.args[0]]
+                with optuna_experimental():  # the same queueing as for a dead worker's trial
+                    RetryHeartbeatStaleTrialCallback()(self.study, trial)
+                raise UserError(
+                    f"interrupted: trial {trial.number} stopped by a signal; it is queued to run again: run "
+                    "the same command again to go on"
+                ) from None
+            if self.stopping:
+                raise UserError(
+                    "interrupted: stopped by a signal as a trial ended; run the same command again"
+                )
 
     def objective(self, trial: Trial) -> float:
-        earlier = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
-        taken = sum(t.state in (*FINISHED, TrialState.RUNNING) for t in earlier)
-        if taken >= self.n_trials:
+        if sum(self.taken(before=trial.number)) >= self.n_trials:
             trial.set_user_attr("not_run", "the study had all its trials when this one started")
             raise StudyFull
         values = {name: suggest(trial, name, dist) for name, dist in self.space.items()}
+        self.check(values)
         run_dir = self.folder / "trials" / f"trial_{trial.number:03d}"
         trial.set_user_attr("run", str(run_dir))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         shown = " ".join(f"{k}={_short(v)}" for k, v in values.items())
         self.console.print(f"trial {trial.number}: {shown} -> {run_dir}/")
         logger = {
-            "class_path": RUN_LOGGER,
+            "class_path": "mnist_lit.logger.RunLogger",
             "init_args": {"save_dir": str(self.folder.resolve()), "name": "trials", "version": run_dir.name},
         }
         args = [*self.fit_args, *(flag(k, v) for k, v in values.items()), flag("trainer.logger", logger)]
@@ -324,74 +295,78 @@ class Study:
             fit.trainer.fit(fit.model, datamodule=fit.datamodule)
         except TrainingDiverged as err:  # a learning rate that blows up is as hopeless as one too small
             raise optuna.TrialPruned(str(err)) from None
-        except (SystemExit, KeyboardInterrupt):  # SIGTERMException is a SystemExit; Lightning exits on Ctrl-C
-            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            raise Interrupted(
-                f"trial {trial.number} stopped by a signal; it is queued to run again: run the same command "
-                "again to go on"
-            ) from None
-        self.stop_requested = fit.trainer.received_sigterm  # a signal during the last validation
+        except (SIGTERMException, KeyboardInterrupt):  # Lightning ends a fit stopped by a signal with these
+            raise Interrupted(trial.number) from None
+        self.stopping = fit.trainer.received_sigterm
         trial.set_user_attr("epochs", fit.trainer.current_epoch)
-        checkpoint = fit.trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_path:
-            trial.set_user_attr("checkpoint", checkpoint.best_model_path)
         return float(fit.trainer.callback_metrics["val/acc_best"])
 
-    def report_trial(self, trial: FrozenTrial) -> None:
+    def report(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.PRUNED:
             steps = trial.intermediate_values
-            last = max(steps) if steps else None
-            at = f" at epoch {last}, {METRIC} {steps[last]:.4f}" if last is not None else ""
+            at = f" at epoch {max(steps)}, {METRIC} {steps[max(steps)]:.4f}" if steps else ""
             self.console.print(f"trial {trial.number}: pruned{at} (hopeless next to the other trials)")
         elif trial.state == TrialState.COMPLETE:
-            best = self.study.best_trial
+            best = study.best_trial
             self.console.print(
                 f"trial {trial.number}: val/acc_best {trial.value:.4f} (best so far: trial {best.number}, "
                 f"{best.value:.4f})"
             )
 
 
-def _alive(pid: int) -> bool:
+# ----------------------------------------------------------------------------------------------- storage
+
+
+def masked(url: str) -> str:
+    """The storage URL as it may be printed: its password replaced by ***."""
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: open_storage says so
+        return url
 
 
-def _short(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's storage for ``--storage``: a database URL, ``redis://...``, or a journal file's path."""
+def open_storage(url: str) -> RDBStorage:
+    """Optuna's RDB storage for ``--storage``, with heartbeats and the retry of a dead worker's trial."""
+    shown = masked(url)
+    if "://" not in url:
+        raise UserError(
+            f"--storage {url}: give a database URL (sqlite:///path/study.db, postgresql://user:pass@host/db, "
+            "mysql+pymysql://user:pass@host/db); journal files keep no heartbeats, so a dead worker's trial "
+            "would never run again"
+        )
+    # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        if url.startswith("redis"):
-            return JournalStorage(JournalRedisBackend(url))
-        if "://" not in url:  # a path: Optuna's journal file, fine on a shared filesystem (NFS)
-            if not Path(url).resolve().parent.is_dir():
-                raise UserError(f"--storage {url}: folder {Path(url).parent} does not exist")
-            return JournalStorage(JournalFileBackend(url))
-        # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
-        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        with warnings.catch_warnings():  # Optuna marks its heartbeat API experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-            )
-    except UserError:
-        raise
-    except Exception as err:  # SQLAlchemy, the database driver or the filesystem, each in its own words
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"--storage {url} cannot be opened: {reason}") from None
+        for attempt in range(3):
+            try:
+                with optuna_experimental():
+                    return RDBStorage(
+                        url,
+                        engine_kwargs=engine,
+                        heartbeat_interval=HEARTBEAT_S,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                    )
+            # Workers that start together on a new database all create its tables: the losers find them
+            # half made (a duplicate table or version row) and, a moment later, made.
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 2:
+                    raise
+                time.sleep(1)
+    except ImportError:  # Optuna's words name no module
+        dialect = url.split("://", 1)[0]
+        raise UserError(
+            f"--storage {shown}: no database driver for {dialect}:// is installed: for PostgreSQL "
+            "pip install -e '.[tune]' (psycopg), for MySQL pip install pymysql and use mysql+pymysql://"
+        ) from None
+    except Exception as err:  # SQLAlchemy or the database driver, each in its own words
+        reason = first_line(err)
+        password = make_url(url).password if shown != url else None
+        if password:
+            reason = reason.replace(str(password), "***")
+        raise UserError(f"--storage {shown} cannot be opened: {reason}") from None
 
 
-# -------------------------------------------------------------------------------------------- results
+# ----------------------------------------------------------------------------------------------- results
 
 
 def write_results(study: Study) -> None:
@@ -411,13 +386,10 @@ def write_results(study: Study) -> None:
     for column in ("trial", "val/acc_best", "epochs", *names):
         table.add_column(column, justify="right")
     for t in done[:5]:
-        table.add_row(
-            str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs", "")),
-            *(_short(t.params[n]) if n in t.params else "" for n in names),
-        )  # fmt: skip
+        params = (_short(t.params[n]) if n in t.params else "" for n in names)
+        table.add_row(str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs", "")), *params)
     study.console.print(table)
-    best = done[0]
-    path = study.folder / "best.yaml"
+    best, path = done[0], study.folder / "best.yaml"
     write_atomic(path, best_recipe(study, best).encode())
     study.console.print(
         f"Best recipe: {path} (trial {best.number}, val/acc_best {best.value:.4f}): "
@@ -430,32 +402,35 @@ def write_results(study: Study) -> None:
 
 
 def best_recipe(study: Study, best: FrozenTrial) -> str:
-    """The recipe and flags with the best trial's values, as a YAML recipe: what differs from the defaults."""
-    values = [flag(name, value) for name, value in best.params.items()]
-    config = yaml.safe_load(study.parser.dump(study.parser.parse_args([*study.fit_args, *values])))
-    defaults = yaml.safe_load(study.parser.dump(study.parser.get_defaults()))
-    recipe = _differences(config, defaults) or {}
-    recipe["seed_everything"] = config["seed_everything"]
-    for name in best.params:  # searched values stay in the recipe even where they equal the defaults
-        section, key = name.split(".", 1)[0], name.split(".")[1:]
-        node = recipe.setdefault(section, {})
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-        node[key[-1]] = best.params[name]
-    header = (
-        f"# The best recipe of tune study {study.name!r} ({study.storage_url}): trial {best.number}, "
-        f"val/acc_best {best.value:.4f}.\n# python -m mnist_lit fit --config {study.folder / 'best.yaml'}\n"
-    )
-    ordered = {k: recipe[k] for k in ("seed_everything", "trainer", "model", "data") if k in recipe}
-    ordered.update({k: v for k, v in recipe.items() if k not in ordered})
-    return header + yaml.safe_dump(ordered, sort_keys=False)
+    """best.yaml: the recipe, the flags that fixed settings and the best trial's values, as a recipe.
 
-
-def _differences(config: object, defaults: object) -> object:
-    if isinstance(config, dict) and isinstance(defaults, dict):
-        diff = {k: _differences(v, defaults.get(k)) for k, v in config.items() if v != defaults.get(k)}
-        return {k: v for k, v in diff.items() if v is not None} or None
-    return config
+    What differs from fit's defaults (jsonargparse's ``skip_default``). The search's own run settings
+    (NOT_RECIPE: data folder, batch limits, progress bar...) are set back to fit's defaults and named in
+    a comment, so that ``fit --config best.yaml`` trains the full recipe.
+    """
+    parser, defaults = study.parser, study.parser.get_defaults()
+    config = parser.parse_args([*study.fit_args, *(flag(k, v) for k, v in best.params.items())])
+    search_only = []
+    for key in sorted(k for k in study.known if k.startswith(NOT_RECIPE) and config[k] != defaults[k]):
+        search_only.append(flag(key, config[key]))
+        config[key] = defaults[key]
+    recipe = yaml.safe_load(parser.dump(config, skip_default=True)) or {}
+    recipe = {"seed_everything": config.seed_everything, **recipe}  # explicit, whatever fit's default
+    for name, value in best.params.items():  # searched values shown even where they equal the defaults
+        *sections, key = name.split(".")
+        node = recipe
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    header = [
+        f"# The best trial of tune study {study.name!r} ({study.storage_shown}): trial {best.number}, "
+        f"val/acc_best {best.value:.4f}.",
+        f"# python -m mnist_lit fit --config {study.folder / 'best.yaml'}",
+    ]
+    if search_only:  # one per line: a data folder's path can be long
+        header.append("# The search also ran with these flags; add them to train exactly as the trial did:")
+        header += [f"#   {setting}" for setting in search_only]
+    return "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
 
 
 def write_plots(study: Study) -> list[Path]:
@@ -463,6 +438,7 @@ def write_plots(study: Study) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib import pyplot
     from optuna.visualization import matplotlib as plots
 
     written = []
@@ -471,22 +447,19 @@ def write_plots(study: Study) -> list[Path]:
         ("importances", plots.plot_param_importances),
         ("intermediate", plots.plot_intermediate_values),
     ):
-        with warnings.catch_warnings():  # the matplotlib backend is marked experimental by Optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with optuna_experimental():
             try:
                 axes = plot(study.study)
             except (ValueError, RuntimeError) as err:  # e.g. importances need two complete trials
                 study.console.print(f"{name} plot skipped: {err}")
                 continue
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        path = study.folder / f"{name}.png"
-        tmp = path.with_suffix(f".{os.getpid()}.png")
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-        matplotlib.pyplot.close(figure)
-        written.append(path)
+        axes.figure.set_size_inches(8, 5)
+        axes.figure.tight_layout()
+        png = io.BytesIO()
+        axes.figure.savefig(png, format="png", dpi=100)
+        pyplot.close(axes.figure)
+        written.append(study.folder / f"{name}.png")
+        write_atomic(written[-1], png.getvalue())
     return written
 
 
@@ -497,87 +470,55 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------------- CLI
 
 
-def tune_parser() -> CommandParser:
-    parser = CommandParser(prog="python -m mnist_lit tune", description=DESCRIPTION)
-    add = parser.add_argument
-    add("--search", type=str, required=True, help="YAML file of the search space (see configs/search.yaml).")
-    add("--n_trials", type=PositiveInt, default=20, help="Finished trials the study is to have in all.")
-    add("--storage", type=str, default=None, help=(
-        "Optuna storage: a database URL (sqlite:///..., postgresql://..., mysql://...) or a journal file's "
-        "path; default tune/<study_name>/study.db."
-    ))  # fmt: skip
-    add("--study_name", type=str, default=None, help="The study's name, and its folder tune/<study_name>/; "
-        "default the search file's name.")  # fmt: skip
-    add("--n_jobs", type=PositiveInt, default=1, help="Worker processes on this machine sharing the study.")
+class TuneParser(argparse.ArgumentParser):
+    """tune's own flags; the rest go to fit. A bad flag is one line, like every other error."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (see python -m mnist_lit tune --help)")
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def tune_parser() -> TuneParser:
+    parser = TuneParser(
+        prog="python -m mnist_lit tune",
+        allow_abbrev=False,  # --n_trial must not pass for --n_trials, nor --search for a fit flag
+        description="Hyperparameter search with Optuna: each trial is a `fit` of the recipe (--config) with "
+        "values from the search space (--search), pruned when hopeless. Every `fit` flag (--data.*, "
+        "--model.*, --trainer.*, --seed_everything) is accepted too and fixes that setting for all trials. "
+        "Several workers: run the same command several times on one --storage.",
+    )
+    parser.add_argument(
+        "--search", required=True, help="YAML file of the search space (configs/search.yaml)."
+    )
+    parser.add_argument(
+        "--n_trials", type=positive, default=20, help="Finished trials the study is to have (default 20)."
+    )
+    parser.add_argument("--storage", help="Optuna's storage, a database URL (sqlite:///..., postgresql://..."
+                        ", mysql+pymysql://...); default sqlite:///tune/<study_name>/study.db.")  # fmt: skip
+    parser.add_argument("--study_name", help="The study's name and folder tune/<study_name>/; default the "
+                        "search file's name.")  # fmt: skip
     return parser
-
-
-TUNE_FLAGS = ("--search", "--n_trials", "--storage", "--study_name", "--n_jobs")
-
-
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(tune's own flags, fit's flags)."""
-    ours, theirs = [], []
-    args = iter(argv)
-    for arg in args:
-        name = arg.split("=", 1)[0]
-        if arg in ("-h", "--help"):
-            ours.append(arg)
-        elif name in TUNE_FLAGS:
-            ours.append(arg) if "=" in arg else ours.extend([arg, next(args, "")])
-        else:
-            theirs.append(arg)
-    return ours, theirs
-
-
-def without_n_jobs(argv: list[str]) -> list[str]:
-    """The same command for one worker process: ``--n_jobs`` and its value left out."""
-    kept, skip = [], False
-    for arg in argv:
-        if not skip and not arg.startswith("--n_jobs"):
-            kept.append(arg)
-        skip = arg == "--n_jobs"
-    return kept
 
 
 def tune(argv: list[str]) -> None:
     """``python -m mnist_lit tune ARGS``."""
-    ours, fit_args = split_args(argv)
-    options = tune_parser().parse_args(ours)
+    options, fit_args = tune_parser().parse_known_args(argv)
     verbosity = optuna.logging.get_verbosity()
     # Optuna's own log lines are replaced by ours: one per trial, and a failed trial's traceback (a Ctrl-C
     # is one to Optuna) becomes our one-line error.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study = Study(fit_args, options.search, options.n_trials, options.study_name)
+        study = Study(fit_args, options)
         study.open(options.storage)
-        run_workers(study, argv, options.n_jobs)
+        study.run()
+        write_results(study)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    write_results(study)
-
-
-def run_workers(study: Study, argv: list[str], n_jobs: int) -> None:
-    """This process, and ``n_jobs - 1`` more running the same command, work on the study until it is done."""
-    workers = []
-    command = [sys.executable, "-m", "mnist_lit", "tune", *without_n_jobs(argv)]
-    for number in range(1, n_jobs):
-        log = study.folder / f"worker_{number}.log"
-        with open(log, "w") as out:
-            workers.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
-        study.console.print(f"worker {number}: pid {workers[-1].pid}, output in {log}")
-    try:
-        study.run()
-    except (Interrupted, KeyboardInterrupt) as err:
-        for worker in workers:  # Ctrl-C in a terminal reaches them too, a kill of this process does not
-            worker.send_signal(signal.SIGINT)
-        for worker in workers:
-            worker.wait()
-        why = str(err) or "run the same command again to go on"
-        raise UserError(f"interrupted: {why}") from None
-    failed = [worker for worker in workers if worker.wait() != 0]
-    if failed:
-        raise UserError(f"worker pid {failed[0].pid} failed: see {study.folder}/worker_*.log")
