@@ -233,8 +233,8 @@ def run_recipe(
     val_size: int,
 ) -> dict:
     """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder."""
-    from mnist_lit.allocator import keep_freed_memory
     from mnist_lit.__main__ import main
+    from mnist_lit.allocator import keep_freed_memory
 
     keep_freed_memory()  # as `python -m mnist_lit` does
 

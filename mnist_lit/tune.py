@@ -29,7 +29,8 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 from rich.console import Console
@@ -325,15 +326,15 @@ def masked(url: str) -> str:
         return url
 
 
-def open_storage(url: str) -> RDBStorage:
-    """Optuna's RDB storage for ``--storage``, with heartbeats and the retry of a dead worker's trial."""
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's storage for ``--storage``: a database (RDB storage, with heartbeats and the retry of a dead
+    worker's trial), or a journal file's path (for a shared filesystem without a database server)."""
     shown = masked(url)
     if "://" not in url:
-        raise UserError(
-            f"--storage {url}: give a database URL (sqlite:///path/study.db, postgresql://user:pass@host/db, "
-            "mysql+pymysql://user:pass@host/db); journal files keep no heartbeats, so a dead worker's trial "
-            "would never run again"
-        )
+        if not Path(url).resolve().parent.is_dir():
+            raise UserError(f"--storage {url}: folder {Path(url).parent} does not exist")
+        # Journal files keep no heartbeats: a killed worker's trial stays "running" there (docs/tune.md).
+        return JournalStorage(JournalFileBackend(url))
     # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
@@ -502,14 +503,20 @@ def tune_parser() -> TuneParser:
         "--n_trials", type=positive, default=20, help="Finished trials the study is to have (default 20)."
     )
     parser.add_argument("--storage", help="Optuna's storage, a database URL (sqlite:///..., postgresql://..."
-                        ", mysql+pymysql://...); default sqlite:///tune/<study_name>/study.db.")  # fmt: skip
+                        ", mysql+pymysql://...) or a journal file's path; default sqlite:///tune/<study_name>/"
+                        "study.db.")  # fmt: skip
     parser.add_argument("--study_name", help="The study's name and folder tune/<study_name>/; default the "
                         "search file's name.")  # fmt: skip
     return parser
 
 
+def main(argv: list[str]) -> None:
+    """``python -m mnist_lit tune ARGS`` (routed here by __main__.py)."""
+    tune(argv[1:])
+
+
 def tune(argv: list[str]) -> None:
-    """``python -m mnist_lit tune ARGS``."""
+    """``python -m mnist_lit tune ARGS``, without the command's name."""
     options, fit_args = tune_parser().parse_known_args(argv)
     verbosity = optuna.logging.get_verbosity()
     # Optuna's own log lines are replaced by ours: one per trial, and a failed trial's traceback (a Ctrl-C

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mnist_lit.errors import UserError
-from mnist_lit.model import MNISTClassifier
 from mnist_lit.logger import run_folders
+from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import Run, check_checkpoint_fits, load_checkpoint, newest_run
 
 

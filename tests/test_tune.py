@@ -232,7 +232,7 @@ def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir):
         "sqlite:////no/such/folder/x.db"
     )
     assert "--storage nosuch://host/db cannot be opened:" in storage_error("nosuch://host/db")
-    assert "--storage study.log: give a database URL" in storage_error("study.log")
+    assert "--storage no/such/study.log: folder no/such does not exist" in storage_error("no/such/study.log")
     # PostgreSQL's driver is installed with the tune extra; the password is never shown.
     port = free_port()  # nothing listens there
     message = storage_error(f"postgresql://mnist:s3cret-pw@127.0.0.1:{port}/optuna")
@@ -398,3 +398,12 @@ def test_two_workers_on_a_real_postgresql_server(postgres_url, tmp_path, mnist_d
         p.name for name in ("a", "b") for p in (tmp_path / name / "tune/mnist/trials").iterdir()
     )
     assert runs_on_disk == [f"trial_{n:03d}" for n in done]
+
+
+def test_a_journal_file_holds_the_study(workdir, mnist_dir):
+    # Optuna's journal file: a study on a shared filesystem without a database server.
+    search = write_search(workdir, {**SEARCH, "enqueue": SEARCH["enqueue"][:2]})
+    output = tune_in(workdir, *tune_args(mnist_dir, search, 2, "--storage=study.log"))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend("study.log"))
+    assert [t.state.name for t in trials_of(storage)] == ["COMPLETE", "COMPLETE"], output
+    assert (workdir / "tune/search/best.yaml").is_file()

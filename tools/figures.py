@@ -13,8 +13,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_lit.report import CONFUSION_MATRIX_TAG, MISTAKES_TAG
 from mnist_lit.logger import run_folders
+from mnist_lit.report import CONFUSION_MATRIX_TAG, MISTAKES_TAG
 
 # (panel title, [(scalar tag, curve label), ...]): the per-epoch values the model logs.
 CURVES = (
