@@ -17,7 +17,6 @@ from tests.helpers import (
     error_of,
     fit_args,
     idx_bytes,
-    last_checkpoint_of_fit,
     subprocess_env,
     synthetic_digits,
     write_mnist,
@@ -111,7 +110,7 @@ def test_val_size_as_large_as_the_training_set(workdir, mnist_dir):
         ("--model.label_smoothing=1.5", "--model.label_smoothing: Not of type ClosedUnitInterval"),
         ("--data.batchsize=3", "unrecognized arguments: --data.batchsize=3"),
         # No abbreviations, and the closest flag named.
-        ("--trainer.max_epoch=3", "--trainer.max_epoch=3 (see --help): did you mean --trainer.max_epochs?"),
+        ("--trainer.max_epoch=3", "--trainer.max_epoch=3: did you mean --trainer.max_epochs?"),
         ("--trainer.max_epochs=three", "--trainer.max_epochs: expected an integer (or null), got 'three'"),
         ("--config=no/such.yaml", "--config: File does not exist"),
     ],
@@ -149,10 +148,10 @@ def test_parse_error_from_the_shell_is_one_line_without_traceback(tmp_path, mnis
     ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir) -> dict:
-    """A real checkpoint from a one-epoch fit."""
-    return last_checkpoint_of_fit(tmp_path_factory.mktemp("trained"), *fit_args(mnist_dir))
+@pytest.fixture
+def trained(trained_run) -> dict:
+    """A real checkpoint: the session's trained run's last.ckpt."""
+    return load_checkpoint(trained_run / "lightning_logs/version_0/checkpoints/last.ckpt")
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])

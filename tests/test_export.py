@@ -10,17 +10,13 @@ import torch
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import load_checkpoint, newest_run
-from tests.helpers import REAL_DATA, cli, fit_args
+from tests.helpers import REAL_DATA, cli
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir) -> Path:
-    """A folder with one run, trained with normalization constants of its own (so they must be read)."""
-    folder = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        cli(*fit_args(mnist_dir, "--data.mean=0.2", "--data.std=0.4"))
-    return folder
+@pytest.fixture
+def trained(trained_copy) -> Path:
+    """A copy of the session's trained run (its own normalization constants, so they must be read)."""
+    return trained_copy
 
 
 def pytorch_logits(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,12 @@ import pytest
 from mnist_lit.runs import newest_run
 from tests.helpers import QUICK, REAL_DATA, cli
 
-pytestmark = pytest.mark.skipif(
-    not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(), reason="no ../shared/data"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(), reason="no ../shared/data"
+    ),
+]
 
 
 def test_a_slice_of_real_mnist_clearly_learns(workdir, capsys):

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.helpers import QUICK, cli, error_of, fit_args, synthetic_digits
+from tests.helpers import cli, error_of, fit_args, synthetic_digits
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -35,20 +35,10 @@ def hparams_row(accumulator: EventAccumulator) -> tuple[dict, list[str]]:
     return params, [info.name.tag for info in experiment.experiment.metric_infos]
 
 
-@pytest.fixture(scope="module")
-def fit_and_test(tmp_path_factory, mnist_dir) -> tuple[Path, str]:
-    """A barely trained run (2 steps, so the test set has mistakes), then a bare `test` of it."""
-    root = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        cli(
-            *fit_args(mnist_dir, "--trainer.max_epochs=2", "--trainer.limit_train_batches=1"),
-            "--trainer.log_every_n_steps=1",
-            "--model.lr=0.002",
-            "--model.lr_schedule=onecycle",
-        )
-        cli("test", *QUICK[1:])
-    return root / "lightning_logs", str(mnist_dir)
+@pytest.fixture
+def fit_and_test(trained_run, mnist_dir) -> tuple[Path, str]:
+    """The session's trained run (conftest.TRAINED_RUN: 2 steps) and its bare `test`."""
+    return trained_run / "lightning_logs", str(mnist_dir)
 
 
 def test_fit_run_has_an_hparams_row_with_real_metric_columns(fit_and_test):
