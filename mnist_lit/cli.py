@@ -6,10 +6,12 @@ know: which run a checkpoint belongs to (a bare ``test`` means the newest run's 
 run's checkpoint brings that run's data settings), safe checkpoint loading, and one-line errors.
 """
 
+import inspect
 import sys
 import warnings
 from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -190,6 +192,8 @@ def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) ->
     argv = list(sys.argv[1:] if args is None else args)
     command = argv[0] if run else "fit"
     kwargs = {"command": command, "default_config_files": [DEFAULTS / f"{command}.yaml"]}
+    # --help's description: the Trainer method's first paragraph (LightningCLI shows its first line only).
+    kwargs["description"] = " ".join(inspect.getdoc(getattr(Trainer, command)).split("\n\n")[0].split())
     cli = MNISTCLI(
         MNISTClassifier,
         MNISTDataModule,

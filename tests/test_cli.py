@@ -45,6 +45,19 @@ def test_fit_then_bare_test_uses_the_runs_best_checkpoint_and_data(workdir, mnis
     assert f"test/acc {logged['test/acc'][0]:.2%}  test/loss {logged['test/loss'][0]:.4f}" in out
 
 
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_a_runs_checkpoint_brings_its_data_settings(trained_copy, command):
+    # The run was trained on a data folder given by flag; no --data.data_dir here (./data does not exist).
+    last = "lightning_logs/version_0/checkpoints/last.ckpt"
+    cli(command, f"--ckpt_path={last}", *QUICK[1:])
+    assert (trained_copy / f"lightning_logs/version_0/{command}_0").is_dir()  # filed under its run
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_one(trained_copy):
+    message = error_of("test", "--ckpt_path=lightning_logs/version_0/checkpoints", *QUICK[1:])
+    assert "checkpoint lightning_logs/version_0/checkpoints is a folder: give a .ckpt file in it" in message
+
+
 def test_explicit_flags_win_over_the_runs_settings(workdir, mnist_dir, capsys):
     cli(*fit_args(mnist_dir))
     capsys.readouterr()
