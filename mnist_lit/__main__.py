@@ -5,8 +5,12 @@ only when they run, so no command waits for what another one needs. The process 
 settings (warning filters, log levels, what a DDP rank does when its launcher dies) are made here too.
 """
 
+import ctypes
+import difflib
 import importlib
 import logging
+import os
+import signal
 import sys
 import warnings
 
@@ -48,13 +52,8 @@ def end_with_launcher() -> None:
 
     Otherwise a rank that stalled stays behind when the launching process gives up on it (Linux only).
     """
-    import os
-    import signal
-
     if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the launcher died before the line above took effect
@@ -68,8 +67,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{USAGE}\n\nTrain and use the seed notebook's MNIST CNN with PyTorch Lightning.\n\n{commands}")
         sys.exit(0 if argv else 2)
     if argv[0] not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         print(

@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import UserError
@@ -119,10 +120,12 @@ class MNISTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._section()
-        if config.bf16_where_native and config.trainer.precision is None:
-            from mnist_lit.precision import choose_for_this_machine
+        if config.bf16_where_native and config.trainer.precision is None:  # recorded in config.yaml too
+            from mnist_lit.precision import precision_for
 
-            config.trainer.precision = choose_for_this_machine(config.trainer.accelerator)
+            config.trainer.precision, reason = precision_for(config.trainer.accelerator)
+            if rank_zero_only.rank == 0:  # DDP starts one process per device, each making the same choice
+                print(f"precision: {config.trainer.precision} ({reason})")
         logger, checkpoint = config.trainer.logger, self._checkpoint_file()
         if getattr(logger, "class_path", None) != RUN_LOGGER:
             return
@@ -163,9 +166,11 @@ class MNISTCLI(LightningCLI):
         try:
             self.trainer.fit(**kwargs)
         except SIGTERMException:
-            from mnist_lit.faults import interrupted_message
+            if not self.trainer.is_global_zero:  # said once, by rank 0
+                sys.exit(1)
+            from mnist_lit.messages import interrupted
 
-            raise UserError(interrupted_message(self.trainer)) from None
+            raise UserError(interrupted(self.trainer)) from None
 
     def after_fit(self) -> None:
         from mnist_lit.tracking import print_fit_summary  # here, after the progress bar's last line

@@ -88,21 +88,6 @@ class ResumableShuffle(StatefulDistributedSampler):
         self.set_epoch(state["epoch"])
 
 
-def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each image of a batch (N, 1, H, W) moved by its own random offset of up to ``max_shift`` whole pixels
-    down or up and left or right; what moves in is 0 (MNIST's background), what moves out is lost.
-
-    Whole pixels, so no interpolation blurs the strokes; one gather on the images' device for the batch.
-    """
-    n, _, height, width = images.shape
-    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), device=images.device, generator=generator)
-    rows = torch.arange(height, device=images.device) + offsets[0]  # (N, H): the rows of `padded` kept
-    cols = torch.arange(width, device=images.device) + offsets[1]
-    which = torch.arange(n, device=images.device)[:, None, None]
-    return padded[which, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
-
-
 class MNISTDataModule(L.LightningDataModule):
     """MNIST train/val/test/predict loaders.
 
@@ -259,6 +244,8 @@ class MNISTDataModule(L.LightningDataModule):
         shift = self.hparams.max_shift
         if shift and self.trainer is not None and self.trainer.training:
             # Offsets drawn from the seed and the step alone: a resumed run shifts as the uninterrupted one.
+            from mnist_lit.augment import shifted  # only recipes that augment need it
+
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.trainer.global_step
             images = shifted(images, shift, torch.Generator(images.device).manual_seed(seed))
         return [self.normalize(images), labels]

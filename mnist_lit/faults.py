@@ -8,7 +8,6 @@ inside a signal handler (which would race the collective the other ranks are in)
 
 import contextlib
 import errno
-import io
 import os
 import shutil
 import signal
@@ -29,7 +28,8 @@ class TrainingDiverged(UserError):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """The ModelCheckpoint that writes ``last.ckpt`` at every epoch's end, and when fit is stopped.
+    """The ModelCheckpoint that writes ``last.ckpt`` at every epoch's end, and when fit is stopped (with
+    ``filename: last``, ``save_on_exception: true``: mnist_lit/defaults/fit.yaml).
 
     A separate callback from the best-by-val/acc one, since Lightning's ``save_last`` only rewrites
     ``last.ckpt`` when that one improves. Only an orderly stop (SIGTERM or Ctrl-C, which end the current
@@ -37,27 +37,11 @@ class LastCheckpoint(ModelCheckpoint):
     divergence its weights are NaN, so the last good ``last.ckpt`` is kept instead.
     """
 
-    def __init__(self, filename: str = "last", **kwargs) -> None:
-        kwargs.setdefault("enable_version_counter", False)  # one last.ckpt, rewritten
-        kwargs.setdefault("save_on_exception", True)
-        super().__init__(filename=filename, **kwargs)
-
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if isinstance(exception, SIGTERMException):
             super().on_exception(trainer, pl_module, exception)
-
-    def saved_path(self) -> Path | None:
-        """``last.ckpt`` if it has been written, else None."""
-        path = Path(self.format_checkpoint_name({})) if self.dirpath else None
-        return path if path is not None and path.is_file() else None
-
-
-def last_checkpoints(trainer: L.Trainer) -> list[Path]:
-    """The ``last.ckpt`` files this run's LastCheckpoint callbacks have written."""
-    paths = [cb.saved_path() for cb in trainer.checkpoint_callbacks if isinstance(cb, LastCheckpoint)]
-    return [path for path in paths if path is not None]
 
 
 class StopOnDivergence(Callback):
@@ -84,15 +68,9 @@ class StopOnDivergence(Callback):
         # Every rank stops at the same step, or DDP would wait forever for the one that stopped.
         if not trainer.strategy.reduce_boolean_decision(diverged, all=False):
             return
-        kept = last_checkpoints(trainer)
-        kept_text = (
-            f"kept the last good checkpoint {kept[0]}" if kept else "no checkpoint was saved before it"
-        )
-        seen = "" if every_step else f" (looked at every {interval} steps)"
-        raise TrainingDiverged(
-            f"training diverged: the loss became {float(loss)} at epoch {trainer.current_epoch}, "
-            f"step {trainer.global_step} (batch {batch_idx}){seen}; {kept_text}; lower the learning rate"
-        )
+        from mnist_lit.messages import diverged
+
+        raise TrainingDiverged(diverged(trainer, float(loss), batch_idx, None if every_step else interval))
 
 
 class GracefulStop(Callback):
@@ -154,18 +132,6 @@ class DiscardFailedRun(Callback):
                 folder.parent.rmdir()
 
 
-def interrupted_message(trainer: L.Trainer) -> str:
-    """The one line a stopped ``fit`` ends with: where it was, and how to go on from there."""
-    saved = last_checkpoints(trainer)
-    where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
-    if not saved:
-        return f"training stopped by a signal at {where}, before any checkpoint was saved"
-    return (
-        f"training stopped by a signal at {where}; saved {saved[0]}: continue with the same command "
-        f"plus --ckpt_path={saved[0]}"
-    )
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file beside the target, flushed to disk, then renamed into place.
 
@@ -188,10 +154,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
             if err.errno != errno.ENOSPC:
                 raise
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            size = buffer.tell()
-            raise UserError(
-                f"no space left in {path.parent} to write {path.name} (about {size / 2**20:.1f} MB): free "
-                "some space there; the checkpoints already written are kept"
-            ) from None
+            from mnist_lit.messages import disk_full
+
+            raise UserError(disk_full(path, checkpoint)) from None

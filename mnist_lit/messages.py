@@ -1,8 +1,9 @@
-"""What the libraries say when something goes wrong, rewritten as one line a user can act on.
+"""What a user reads when something goes wrong: one line to act on, made only once it has gone wrong.
 
-jsonargparse's parse errors, torch's unpickler refusing a checkpoint, c10d giving up on a rank: each
-reads their wording, so each has a test (tests/test_messages.py) that fails when that wording changes.
-Imported only once something has gone wrong.
+The libraries' own errors rewritten (jsonargparse's parse errors, torch's unpickler refusing a
+checkpoint, c10d giving up on a rank): each reads their wording, so each has a test
+(tests/test_messages.py) that fails when that wording changes. Then ours: what a stopped, diverged or
+disk-full fit says, and where it leaves the run.
 """
 
 import pickle
@@ -111,4 +112,50 @@ def stalled_message(err: BaseException) -> str | None:
     return (
         f"rank {rank} of {world} {what}: a rank stalled, died or took another path (see the other ranks' "
         f"output); if one is only slow, wait longer with {TIMEOUT_FLAG}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- ours
+
+
+def last_checkpoints(trainer) -> list[Path]:
+    """The ``last.ckpt`` files this run's checkpoint callbacks have written (faults.LastCheckpoint's)."""
+    writers = [cb for cb in trainer.checkpoint_callbacks if cb.filename == "last" and cb.dirpath]
+    return [path for path in (Path(cb.format_checkpoint_name({})) for cb in writers) if path.is_file()]
+
+
+def interrupted(trainer) -> str:
+    """The one line a stopped ``fit`` ends with: where it was, and how to go on from there."""
+    saved = last_checkpoints(trainer)
+    where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+    if not saved:
+        return f"training stopped by a signal at {where}, before any checkpoint was saved"
+    return (
+        f"training stopped by a signal at {where}; saved {saved[0]}: continue with the same command "
+        f"plus --ckpt_path={saved[0]}"
+    )
+
+
+def diverged(trainer, loss: float, batch_idx: int, interval: int | None) -> str:
+    """A non-finite loss at this step; ``interval``: how many steps apart the loss was looked at."""
+    kept = last_checkpoints(trainer)
+    kept_text = f"kept the last good checkpoint {kept[0]}" if kept else "no checkpoint was saved before it"
+    seen = f" (looked at every {interval} steps)" if interval else ""
+    return (
+        f"training diverged: the loss became {loss} at epoch {trainer.current_epoch}, step "
+        f"{trainer.global_step} (batch {batch_idx}){seen}; {kept_text}; lower the learning rate"
+    )
+
+
+def disk_full(path: Path, checkpoint: dict) -> str:
+    """No space left to write ``checkpoint`` to ``path``; how much it needed."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)  # how much the checkpoint needed
+    return (
+        f"no space left in {path.parent} to write {path.name} (about {buffer.tell() / 2**20:.1f} MB): free "
+        "some space there; the checkpoints already written are kept"
     )

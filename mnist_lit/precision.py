@@ -11,7 +11,6 @@ import platform
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 BF16 = "bf16-mixed"
 FP32 = "32-true"
@@ -84,13 +83,3 @@ def precision_for(accelerator: object) -> tuple[str, str]:
     if device == "cpu":
         return choose_precision(device, cpu_flags=cpu_flags(), name=cpu_name())
     return choose_precision(device)
-
-
-def choose_for_this_machine(accelerator: object) -> str:
-    """The precision for ``--bf16_where_native true`` on this machine and ``--trainer.accelerator``, printed
-    with its reason. The CLI writes it into the parsed config before the trainer is built, so the run's
-    config.yaml records the precision it trained in; an explicit ``--trainer.precision`` always wins."""
-    precision, reason = precision_for(accelerator)
-    if rank_zero_only.rank == 0:  # DDP starts one process per device, and each makes the same choice
-        print(f"precision: {precision} ({reason})")
-    return precision

@@ -6,7 +6,8 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from mnist_lit.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, shifted
+from mnist_lit.augment import shifted
+from mnist_lit.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 from mnist_lit.errors import UserError
 from tests.helpers import QUICK, cli, fit_args, last_checkpoint_of_fit, subprocess_env, synthetic_digits
 

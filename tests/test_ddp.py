@@ -160,9 +160,9 @@ def test_divergence_under_ddp_stops_every_rank_with_one_clear_line(tmp_path, mni
 
 @pytest.mark.slow
 def test_a_stalled_rank_ends_the_run_with_one_line_naming_the_rank(tmp_path, mnist_dir):
-    # Rank 1 stalls before the epoch's collectives; the preset's DDP timeout, shortened to 60 s here,
+    # Rank 1 stalls before the epoch's collectives; the preset's DDP timeout, shortened to 30 s here,
     # ends the run and the stalled rank with it: torch's default would wait 30 minutes.
-    stall = ["--trainer.callbacks+=tests.pacing.StallRank", "--trainer.strategy.timeout=0:01:00"]
+    stall = ["--trainer.callbacks+=tests.pacing.StallRank", "--trainer.strategy.timeout=0:00:30"]
     fit = ["fit", f"--data.data_dir={mnist_dir}", "--data.val_size=100", *QUICK, *DDP, *stall]
     started = time.monotonic()
     run = Guarded(mnist_cli(*fit), tmp_path, GUARD)
@@ -171,7 +171,7 @@ def test_a_stalled_rank_ends_the_run_with_one_line_naming_the_rank(tmp_path, mni
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert "rank 0 of 2 waited 60 s for the other ranks in " in errors[0]
+    assert "rank 0 of 2 waited 30 s for the other ranks in " in errors[0]
     assert "model.py" in errors[0] and "on_train_epoch_end" in errors[0]  # what rank 0 was doing
     assert "--trainer.strategy.timeout=" in errors[0]  # how to wait longer
     assert time.monotonic() - started < GUARD
