@@ -46,8 +46,24 @@ def test_curves_are_the_logged_values_per_epoch(workdir, mnist_dir):
     events = figures.load_events(workdir / "lightning_logs" / "version_0")
     for tag in ("train/loss_epoch", "val/loss", "train/acc", "val/acc"):
         epochs, values = figures.per_epoch(events, tag)
-        assert epochs == [1, 2, 3], tag
+        assert epochs == [0, 1, 2], tag  # numbered as the progress bar and checkpoint names number them
         assert values == [e.value for e in events.Scalars(tag)], tag
+
+
+def test_a_resumed_run_is_one_curve_with_whole_epoch_ticks(workdir, mnist_dir):
+    cli(*fit_args(mnist_dir, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"))
+    last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    cli(
+        *fit_args(
+            mnist_dir, "--trainer.max_epochs=3", "--trainer.limit_train_batches=1", f"--ckpt_path={last}"
+        )
+    )
+    events = figures.load_events(workdir / "lightning_logs" / "version_0")
+    assert figures.per_epoch(events, "val/acc")[0] == [0, 1, 2]
+    figure = figures.training_curves(events, "resumed")
+    for ax in figure.axes:
+        ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+        assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
 
 
 def test_a_folder_without_events_is_one_line_error(tmp_path):

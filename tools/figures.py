@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.logger import run_folders
@@ -34,12 +35,13 @@ def load_events(log_dir: Path) -> EventAccumulator:
 
 
 def per_epoch(events: EventAccumulator, tag: str) -> tuple[list[int], list[float]]:
-    """(epochs counted from 1, values) of a scalar logged once per epoch.
+    """(epochs, values) of a scalar logged once per epoch; epochs numbered from 0, as Lightning numbers
+    them everywhere a user sees one (the progress bar, checkpoint names, the ``epoch`` scalar).
 
     Lightning logs the ``epoch`` scalar at every step it logs anything, so it maps steps to epochs.
     """
     epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")}
-    points = [(epoch_at[e.step] + 1, e.value) for e in events.Scalars(tag) if e.step in epoch_at]
+    points = sorted({epoch_at[e.step]: e.value for e in events.Scalars(tag) if e.step in epoch_at}.items())
     return [epoch for epoch, _ in points], [value for _, value in points]
 
 
@@ -50,6 +52,7 @@ def training_curves(events: EventAccumulator, title: str) -> Figure:
             if tag in events.Tags()["scalars"]:
                 ax.plot(*per_epoch(events, tag), marker="o", label=label)
         ax.set(title=name, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 0.5 ticks
         ax.grid(alpha=0.3)
         ax.legend()
     figure.suptitle(title)
