@@ -161,7 +161,7 @@ class Body:
         while more:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                 detail = (
                     f"the body of {request} did not arrive within {self.timeout:g} s (--body_timeout): "
                     "send it all at once"

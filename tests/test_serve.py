@@ -267,14 +267,15 @@ def test_other_commands_do_not_import_litserve():
 
 
 def session_processes(session: int) -> list[int]:
-    """The processes of a session (Linux /proc): what serve started stays in the session it was started in."""
+    """The live processes of a session (Linux /proc): what serve started stays in the session it was started
+    in. Zombies are left out: they have exited, and wait for whoever inherited them to collect them."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # it ended while we looked
             continue
-        if int(fields[3]) == session:  # field 6 of stat, counted after the name
+        if int(fields[3]) == session and fields[0] != "Z":  # fields 6 and 3 of stat, counted after the name
             found.append(int(stat.parent.name))
     return found
 
@@ -351,6 +352,36 @@ def test_a_signal_to_the_main_process_answers_requests_in_flight_then_stops_ever
         output = log.read_text()
         assert "Traceback" not in output and output.rstrip().endswith("serve: stopped"), output
         print(f"{signum.name}: 3 requests in flight answered, every process gone {stopped:.1f} s after it")
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_model_loads_stops_everything_too(run_folder):
+    log = run_folder / "serve_starting.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lit", "serve", f"--port={free_port()}"], cwd=run_folder,
+            env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "the page is at" not in log.read_text():  # LitServe is starting its processes now
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve still running 30 s after SIGTERM during start-up:\n{log.read_text()}")
+        deadline = time.monotonic() + 5
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session_processes(process.pid) == [], log.read_text()
+        assert "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        for pid in session_processes(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_litserve_still_logs_the_monitor_message_that_serve_filters_while_stopping():
@@ -464,7 +495,7 @@ def test_a_body_that_does_not_arrive_gets_408_and_the_server_keeps_serving_other
 def test_with_an_api_key_only_the_page_and_health_are_open(run_folder, expected, how):
     key = "s3cret-key"
     args, env = ([f"--api_key={key}"], None) if how == "--api_key" else ([], {**subprocess_env(), how: key})
-    with serve_process(run_folder, *args, env=env) as (_, url, log):
+    with serve_process(run_folder, *args, "--max_pixels=5000", env=env) as (_, url, log):
         body = {"image": encoded(pictures()["a.png"])}
         for headers in ({}, {"X-API-Key": "wrong"}):
             response = requests.post(f"{url}/predict", json=body, headers=headers, timeout=60)
@@ -480,6 +511,15 @@ def test_with_an_api_key_only_the_page_and_health_are_open(run_folder, expected,
         assert requests.get(f"{url}/health", timeout=30).text == "ok"
         assert "<canvas" in requests.get(f"{url}/", timeout=30).text
         assert key not in log.read_text()
+        # --max_pixels reaches the decoding: 84x84 is over 5000 pixels, 28x28 is not.
+        larger = requests.post(
+            f"{url}/predict",
+            json={"image": encoded(pictures()["b.png"])},
+            headers={"X-API-Key": key},
+            timeout=60,
+        )
+        assert larger.status_code == 413 and "84x84 pixels" in larger.json()["detail"], larger.text
+        assert "more than the 0.005 megapixels allowed (--max_pixels)" in larger.json()["detail"], larger.text
 
 
 def test_listening_on_every_interface_without_a_key_says_so_once(run_folder, monkeypatch, capsys):
