@@ -1,61 +1,101 @@
 """The LitServe app behind ``serve``: ``POST /predict``, ``GET /health`` (LitServe's), and the page at ``/``.
 
 A request is ``{"image": "<base64 of a PNG or JPEG file>"}``; the answer is ``{"digit": 7,
-"probabilities": [10 floats], "logits": [10 floats]}``. The image is decoded and made MNIST-style
-(images.py, the same function ``predict --data.predict_path`` uses) while FastAPI validates the body, in
-the HTTP process: a bad image is refused there, alone, with a 4xx. LitServe's inference worker then
+"probabilities": [10 floats], "logits": [10 floats]}``. In the HTTP process, ``Body`` reads each
+request's body (within ``--body_timeout`` seconds and ``--max_body_mb``) and, for ``/predict``, decodes
+the image and makes it MNIST-style (images.py, the same function ``predict --data.predict_path`` uses) in
+a worker thread, so that the event loop goes on answering ``/health`` and other requests meanwhile; FastAPI
+then validates the body and a bad image is refused there, alone, with a 4xx. LitServe's inference worker
 only stacks the 28x28 digits of requests that arrived together and runs one forward pass per batch.
 """
 
+import asyncio
 import base64
 import binascii
+import contextvars
+import json
+import logging
+import multiprocessing
+import os
+import secrets
 import signal
 import time
 from importlib.resources import files
 from pathlib import Path
 
+import anyio
 import litserve as ls
 import torch
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import UnidentifiedImageError
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torchvision.transforms.v2 import functional as TF
 
 from mnist_lit.export import from_checkpoint
-from mnist_lit.images import SIZE, mnist_digit
+from mnist_lit.images import MAX_PIXELS as DEFAULT_MAX_PIXELS
+from mnist_lit.images import SIZE, TooManyPixels, mnist_digit
 
 EXPECTED = 'send JSON {"image": "<base64 of a PNG or JPEG file>"}'
+# Seconds that in-flight requests get to finish after SIGTERM or SIGINT before the server stops anyway.
+DRAIN_SECONDS = 5.0
+# Paths open without the API key: the page (it asks for the key) and the health check.
+OPEN_PATHS = ("/", "/health")
+
+
+class Refused(ValueError):
+    """An upload that cannot be answered, with its one-sentence reason and HTTP status."""
+
+    def __init__(self, detail: str, status: int = 422) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+def digit_of_upload(image: str, max_pixels: int) -> bytes:
+    """``"image"``'s base64 as the MNIST-style digit's 28x28 uint8 pixels, or Refused saying why not."""
+    text = image.split(",", 1)[1] if image.startswith("data:") else image
+    try:
+        data = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise Refused(f'"image" is not valid base64: {EXPECTED}') from None
+    if not data:
+        raise Refused(f'"image" is empty: {EXPECTED}')
+    try:
+        digit = mnist_digit(data, max_pixels=max_pixels)
+    except UnidentifiedImageError:
+        raise Refused('"image" is not an image file: send the base64 of a PNG or JPEG file') from None
+    except TooManyPixels as err:
+        raise Refused(f'"image" is too large: {err} (--max_pixels): send a smaller picture', 413) from None
+    except ValueError as err:  # mnist_style: a blank canvas, a flat picture
+        raise Refused(f'"image" shows no digit: {str(err).removeprefix("no digit found: ")}') from None
+    # PIL's decoders fail in more ways than they document: any failure here is the upload's fault.
+    except Exception as err:
+        reason = (str(err).splitlines() or [""])[0] or err.__class__.__name__
+        raise Refused(f'"image" could not be decoded as a PNG or JPEG: {reason}') from None
+    return digit.numpy().tobytes()
+
+
+# What Body decoded for the request being validated (set in its context, read by DigitRequest).
+decoded: contextvars.ContextVar[bytes | Refused] = contextvars.ContextVar("decoded")
 
 
 class DigitRequest(BaseModel):
-    """The body of ``POST /predict``; validating it decodes the image into the digit the network sees."""
+    """The body of ``POST /predict``; it holds the digit the network sees, decoded by ``Body``."""
 
     image: str = Field(description="base64 of a PNG or JPEG file (a data: URL is accepted too)")
     _digit: bytes = PrivateAttr(b"")  # the MNIST-style digit's uint8 pixels: small to pass to the worker
 
     @model_validator(mode="after")
     def _decode(self) -> "DigitRequest":
-        text = self.image.split(",", 1)[1] if self.image.startswith("data:") else self.image
-        try:
-            data = base64.b64decode(text, validate=True)
-        except binascii.Error:
-            raise ValueError(f'"image" is not valid base64: {EXPECTED}') from None
-        if not data:
-            raise ValueError(f'"image" is empty: {EXPECTED}')
-        try:
-            digit = mnist_digit(data)
-        except UnidentifiedImageError:
-            raise ValueError('"image" is not an image file: send the base64 of a PNG or JPEG file') from None
-        except ValueError as err:  # mnist_style: a blank canvas, a flat picture
-            raise ValueError(f'"image" shows no digit: {str(err).removeprefix("no digit found: ")}') from None
-        # PIL's decoders fail in more ways than they document: any failure here is the upload's fault.
-        except Exception as err:
-            reason = (str(err).splitlines() or [""])[0] or err.__class__.__name__
-            raise ValueError(f'"image" could not be decoded as a PNG or JPEG: {reason}') from None
-        self._digit = digit.numpy().tobytes()
+        # Body decoded this very request's image off the event loop; built elsewhere, decode it here.
+        outcome = decoded.get(None)
+        if outcome is None:
+            outcome = digit_of_upload(self.image, max_pixels=DEFAULT_MAX_PIXELS)
+        if isinstance(outcome, Refused):
+            raise outcome
+        self._digit = outcome
         return self
 
     def digit(self) -> torch.Tensor:
@@ -72,7 +112,8 @@ async def one_sentence_error(request: Request, error: RequestValidationError) ->
     elif not content_type.startswith("application/json"):
         status, detail = 415, f"the body is sent as {content_type}: {EXPECTED}, as application/json"
     elif kind == "value_error":
-        status, detail = 422, str(first["ctx"]["error"])
+        refused = first["ctx"]["error"]
+        status, detail = getattr(refused, "status", 422), str(refused)
     elif kind == "json_invalid":
         status, detail = 400, f"the body is not valid JSON: {EXPECTED}"
     elif kind == "missing":
@@ -84,34 +125,112 @@ async def one_sentence_error(request: Request, error: RequestValidationError) ->
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-class BodyLimit:
-    """Refuses a body larger than ``max_bytes`` with 413: by its Content-Length before reading any of it,
-    or, sent without one (chunked), as soon as what arrived passes the limit."""
+def refusal(status: int, detail: str) -> JSONResponse:
+    """A 4xx that also closes the connection: what is left of the request's body is never read."""
+    return JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close"})
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class Body:
+    """Reads each request's body before the app sees it: refused with 413 when larger than ``max_bytes``
+    (by its Content-Length before reading any of it, or as soon as what arrived passes the limit), with
+    408 when it has not all arrived ``timeout`` seconds after the headers did. A ``/predict`` body is then
+    decoded in a worker thread (at most ``threads`` at once, which also bounds their memory) and the
+    outcome handed to DigitRequest's validation through ``decoded``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, max_pixels: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.detail = f"the body is larger than this server's limit, {max_bytes / 2**20:g} MB (--max_body_mb)"
+        self.timeout = timeout
+        self.max_pixels = max_pixels
+        self.limiter = anyio.CapacityLimiter(max(1, min(4, os.cpu_count() or 1)))
+        self.too_large = (
+            f"the body is larger than this server's limit, {max_bytes / 2**20:g} MB (--max_body_mb)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request = f"{scope['method']} {scope['path']}"
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
+            await refusal(413, self.too_large)(scope, receive, send)
             return
-        received = 0
-
-        async def counted() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
+        chunks, received, deadline = [], 0, time.monotonic() + self.timeout
+        more, disconnected = True, False
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+                detail = (
+                    f"the body of {request} did not arrive within {self.timeout:g} s (--body_timeout): "
+                    "send it all at once"
+                )
+                await refusal(408, detail)(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":
+                disconnected = True
+                break
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
             if received > self.max_bytes:
-                raise HTTPException(413, self.detail)
-            return message
+                await refusal(413, self.too_large)(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        if disconnected:
+            return  # the client went away: nobody to answer
+        body = b"".join(chunks)
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        if scope["path"] == "/predict" and content_type.startswith(b"application/json"):
+            outcome = await anyio.to_thread.run_sync(self.decode, body, limiter=self.limiter)
+            if outcome is not None:
+                decoded.set(outcome)
+        replayed = False
 
-        await self.app(scope, counted, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def decode(self, body: bytes) -> bytes | Refused | None:
+        """The digit of a ``/predict`` body, or why not; None when it is not ``{"image": "..."}`` (FastAPI's
+        validation then says what is wrong with it)."""
+        try:
+            image = json.loads(body).get("image")
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(image, str):
+            return None
+        try:
+            return digit_of_upload(image, self.max_pixels)
+        except Refused as refused:
+            return refused
+
+
+class ApiKey:
+    """Every path but OPEN_PATHS needs header ``X-API-Key: <key>`` (401 otherwise): /predict, and also
+    /docs, /openapi.json and /info, which FastAPI and LitServe leave open."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"x-api-key")
+            if given is None or not secrets.compare_digest(given, self.key):
+                which = "no X-API-Key header" if given is None else "a wrong X-API-Key"
+                detail = (
+                    f"{scope['method']} {scope['path']} came with {which}: this server needs its API key "
+                    "(serve --api_key or LIT_SERVER_API_KEY) in the X-API-Key header"
+                )
+                await refusal(401, detail)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class Page:
@@ -145,6 +264,10 @@ class DigitAPI(ls.LitAPI):
             torch.set_num_threads(1)
         self.model = from_checkpoint(self.checkpoint).to(self.device)
         print(f"serve: {self.checkpoint.name} loaded on {device}", flush=True)
+
+    def authorize(self) -> None:
+        """Nothing to check here: ApiKey checks the key (LitServe's own check of LIT_SERVER_API_KEY, which
+        this hook replaces, would close /health too and leave /docs open)."""
 
     def decode_request(self, request: DigitRequest) -> torch.Tensor:
         return request.digit()
@@ -183,14 +306,82 @@ def run_server(
     batch_timeout: float,
     accelerator: str,
     max_body_bytes: int,
+    body_timeout: float,
+    max_pixels: int,
+    api_key: str | None,
 ) -> None:
-    """Start LitServe (blocks until Ctrl-C or SIGTERM)."""
+    """Start LitServe; blocks until Ctrl-C, SIGINT or SIGTERM, then drains and stops every process."""
     # The forked HTTP processes decode one image per request: intra-op threads there only contend for cores.
     torch.set_num_threads(1)
     api = DigitAPI(checkpoint, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-    limit = (BodyLimit, {"max_bytes": max_body_bytes})
-    server = ls.LitServer(api, accelerator=accelerator, middlewares=[limit, Page])
+    body = (Body, {"max_bytes": max_body_bytes, "timeout": body_timeout, "max_pixels": max_pixels})
+    # LitServer adds these innermost first: Page answers / before anything else, ApiKey looks at the
+    # headers before any of the body is read.
+    middlewares = [body, *([(ApiKey, {"key": api_key})] if api_key else []), Page]
+    server = ls.LitServer(api, accelerator=accelerator, middlewares=middlewares)
     server.app.add_exception_handler(RequestValidationError, one_sentence_error)
+    # How long LitServe lets uvicorn finish in-flight requests once stopping (LitServe's own default: 30 s).
+    server.uvicorn_graceful_timeout = DRAIN_SECONDS
     shown = "localhost" if host == "127.0.0.1" else host
     print(f"serve: the page is at http://{shown}:{port}/, the API at /predict (Ctrl-C to stop)", flush=True)
-    server.run(host=host, port=port, generate_client_file=False)
+    stop_on_signals()
+    try:
+        server.run(host=host, port=port, generate_client_file=False)
+    except KeyboardInterrupt:  # a signal before LitServe's run got to waiting (while the model loads)
+        pass
+    finally:
+        stop_children()
+    print("serve: stopped", flush=True)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (``kill``, ``timeout``, a container runtime) stops the server as Ctrl-C does: LitServe's run
+    takes a KeyboardInterrupt as the cue to drain and stop its processes. Only the first signal counts,
+    so that a second one cannot cut the draining short and leave processes behind."""
+
+    def stop(signum: int, frame: object) -> None:
+        logging.getLogger("litserve.server").addFilter(MonitorAfterStop())
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(
+            f"serve: {signal.Signals(signum).name}: finishing requests in flight, then stopping", flush=True
+        )
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # Processes forked from here (LitServe's HTTP server and its manager) get the defaults back.
+    os.register_at_fork(after_in_child=restore_default_signals)
+
+
+class MonitorAfterStop(logging.Filter):
+    """Drops LitServe's "Monitoring worker crashed" traceback while serve stops.
+
+    LitServe's worker-monitor thread polls its manager's shutdown Event every 2 s and is not told about a
+    KeyboardInterrupt; waking after the manager has stopped, it logs a BrokenPipeError traceback that says
+    nothing. (tests/test_serve.py checks that LitServe still logs this message.)
+    """
+
+    MESSAGE = "Monitoring worker crashed"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.MESSAGE
+
+
+def restore_default_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def stop_children(seconds: float = 5.0) -> None:
+    """Whatever child process is still running (LitServe stops its own; this covers a signal during start-up)
+    gets SIGTERM, then SIGKILL after ``seconds``."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + seconds
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()

@@ -1,7 +1,9 @@
 """Writes what ``predict`` computed: one CSV row per image with the digit and the ten probabilities."""
 
 import csv
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -9,9 +11,11 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mnist_lit.distributed import gather_to_rank_zero
 from mnist_lit.errors import UserError
+from mnist_lit.images import shown
 from mnist_lit.model import NUM_CLASSES
 
 
@@ -19,9 +23,38 @@ def print_table(rows: list[tuple[str, int, float]]) -> None:
     """file, predicted digit, its probability: one row per image."""
     table = Table("file", "digit", "probability")
     for file, digit, prob in rows:
-        table.add_row(file, str(digit), f"{prob:.4f}")
+        table.add_row(Text(file), str(digit), f"{prob:.4f}")  # Text: a name is not rich markup
     # Printed in full even when piped (rich would otherwise cut long paths to 80 columns).
     Console(width=None if sys.stdout.isatty() else 1000).print(table)
+
+
+def write_whole(path: Path, rows: list[tuple[int, int, list[float]]], files: list[str]) -> None:
+    """The CSV at ``path``, whole or not at all: written to a temporary file beside it, then renamed."""
+    if path.exists():  # checked before predicting too; this covers a file that appeared meanwhile
+        raise UserError(f"{path} already exists: choose another --predictions.output, or move the file away")
+    with tempfile.NamedTemporaryFile(
+        "w",
+        dir=path.parent,
+        prefix=f".{path.name}.",
+        suffix=".tmp",
+        delete=False,
+        newline="",
+        encoding="utf-8",
+    ) as f:
+        try:
+            writer = csv.writer(f)
+            file_column = ["file"] if files else []
+            writer.writerow(["index", *file_column, "digit", *(f"p{c}" for c in range(NUM_CLASSES))])
+            for index, digit, row in rows:
+                file_cell = [files[index]] if files else []
+                writer.writerow([index, *file_cell, digit, *(f"{p:.6f}" for p in row)])
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -55,16 +88,11 @@ class PredictionWriter(BasePredictionWriter):
         if shares is None:
             return
         rows = sorted(row for share in shares for row in share)
-        # The user's own images (--data.predict_path) are named by file, in the CSV and in a table.
-        files = [str(file) for file in getattr(trainer.datamodule, "predict_files", [])]
+        # The user's own images (--data.predict_path) are named by file, in the CSV and in a table; a name
+        # that is not UTF-8 is written with \xNN escapes (images.shown).
+        files = [shown(file) for file in getattr(trainer.datamodule, "predict_files", [])]
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("x", newline="") as f:
-            writer = csv.writer(f)
-            file_column = ["file"] if files else []
-            writer.writerow(["index", *file_column, "digit", *(f"p{c}" for c in range(NUM_CLASSES))])
-            for index, digit, row in rows:
-                file_cell = [files[index]] if files else []
-                writer.writerow([index, *file_cell, digit, *(f"{p:.6f}" for p in row)])
+        write_whole(path, rows, files)
         if files:
             print_table([(files[index], digit, row[digit]) for index, digit, row in rows])
         print(f"Predictions for {len(rows)} images written to {path}")

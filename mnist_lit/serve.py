@@ -6,7 +6,9 @@ imports LitServe (``digit_api.py``), so that no other command pays for FastAPI a
 
 import errno
 import importlib.util
+import os
 import socket
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +17,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from mnist_lit.errors import UserError
 from mnist_lit.export import from_checkpoint
+from mnist_lit.images import MAX_PIXELS
 from mnist_lit.runs import newest_run
 
 
@@ -44,6 +47,9 @@ def serve(
     batch_timeout: NonNegativeFloat = 0.005,
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",
     max_body_mb: PositiveFloat = 10.0,
+    body_timeout: PositiveFloat = 10.0,
+    max_pixels: PositiveInt = MAX_PIXELS,
+    api_key: str | None = None,
 ) -> None:
     """Serve a trained model over HTTP: POST /predict, GET /health, and a page at / to draw digits on.
 
@@ -56,6 +62,12 @@ def serve(
         batch_timeout: seconds the first request of a batch waits for others to join it.
         accelerator: where the model runs: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
         max_body_mb: largest request body accepted, in megabytes; a larger one gets 413, unread.
+        body_timeout: seconds a request's body may take to arrive after its headers; a slower one gets 408.
+        max_pixels: largest image accepted, in pixels (width x height, read from the file's header before
+            decoding); a larger one gets 413. The default, 50 million, holds a phone camera's photo.
+        api_key: the key that every request but ``/`` and ``/health`` must send in the ``X-API-Key``
+            header (401 otherwise); default the ``LIT_SERVER_API_KEY`` environment variable, LitServe's
+            own, which keeps the key out of the process list.
     """
     if importlib.util.find_spec("litserve") is None:
         raise UserError("serve needs LitServe: pip install 'mnist_lit[serve]'")
@@ -68,6 +80,14 @@ def serve(
         checkpoint = Path(ckpt_path)
     from_checkpoint(checkpoint)  # a bad file ends here in one line, not in a worker process's traceback
     check_port_free(host, port)
+    api_key = api_key or os.environ.get("LIT_SERVER_API_KEY") or None
+    if host != "127.0.0.1" and api_key is None:
+        print(
+            f"serve: warning: --host {host} without --api_key: anyone who can reach this machine on port "
+            f"{port} can use the model (see README, Serve)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     from mnist_lit.digit_api import run_server  # LitServe, FastAPI and uvicorn: only for this command
 
@@ -79,4 +99,7 @@ def serve(
         batch_timeout=batch_timeout,
         accelerator=accelerator,
         max_body_bytes=int(max_body_mb * 2**20),
+        body_timeout=body_timeout,
+        max_pixels=max_pixels,
+        api_key=api_key,
     )

@@ -6,14 +6,19 @@ against what `predict --data.predict_path` says for the same files; real MNIST d
 """
 
 import base64
+import contextlib
 import csv
+import inspect
 import io
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.helpers import (
     QUICK,
@@ -34,6 +39,7 @@ from tests.helpers import (
     synthetic_digits,
     write_mnist,
 )
+from tests.test_images import jpeg_declaring, png_bomb
 
 BATCH_LINE = re.compile(r"^serve: batch of (\d+) in", re.MULTILINE)
 
@@ -76,7 +82,7 @@ def run_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(run_folder):
     # A long batch window, so that requests sent together are batched even on a crowded machine.
-    with running_server(run_folder, "--batch_timeout=0.25") as server:
+    with running_server(run_folder, "--batch_timeout=0.25", "--body_timeout=3") as server:
         yield server
 
 
@@ -255,3 +261,283 @@ def test_other_commands_do_not_import_litserve():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --- Stopping: SIGTERM or SIGINT to the main process only ---------------------------------------------
+
+
+def session_processes(session: int) -> list[int]:
+    """The live processes of a session (Linux /proc): what serve started stays in the session it was started
+    in. Zombies are left out: they have exited, and wait for whoever inherited them to collect them."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while we looked
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # fields 6 and 3 of stat, counted after the name
+            found.append(int(stat.parent.name))
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and check_port_free bind
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def serve_process(folder: Path, *args: str, env: dict | None = None, timeout: float = 300) -> Iterator:
+    """`serve ARGS` in a session of its own, until /health says ok; yields (Popen, url, log). Whatever is
+    left of the session afterwards is killed, so that a failing test leaves no server behind."""
+    port = free_port()
+    log = folder / f"serve_{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}", *args], cwd=folder,
+            env=env or subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            assert process.poll() is None, f"serve exited before /health said ok:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"/health not ok within {timeout} s:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield process, url, log
+    finally:
+        for pid in session_processes(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_main_process_answers_requests_in_flight_then_stops_everything(run_folder, signum):
+    # A 2 s batch window: requests sent now are still waiting for their batch when the signal arrives.
+    with serve_process(run_folder, "--batch_timeout=2") as (process, url, log):
+        port = int(url.rsplit(":", 1)[1])
+        assert len(session_processes(process.pid)) >= 4  # main, HTTP server, inference worker, helpers
+        body = {"image": encoded(pictures()["a.png"])}
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            in_flight = [
+                pool.submit(requests.post, f"{url}/predict", json=body, timeout=60) for _ in range(3)
+            ]
+            time.sleep(0.8)
+            assert not any(future.done() for future in in_flight)
+            signalled = time.monotonic()
+            os.kill(process.pid, signum)  # the main process only, as `kill PID` or a container runtime does
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"serve still running 30 s after {signum.name}:\n{log.read_text()}")
+            stopped = time.monotonic() - signalled
+            answers = [future.result() for future in in_flight]
+        assert [answer.status_code for answer in answers] == [200] * 3, [a.text for a in answers]
+        assert stopped < 15, f"{stopped:.1f} s to stop"
+        deadline = time.monotonic() + 5
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = session_processes(process.pid)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+        assert port_is_free(port)
+        output = log.read_text()
+        assert "Traceback" not in output and output.rstrip().endswith("serve: stopped"), output
+        print(f"{signum.name}: 3 requests in flight answered, every process gone {stopped:.1f} s after it")
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_model_loads_stops_everything_too(run_folder):
+    log = run_folder / "serve_starting.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lit", "serve", f"--port={free_port()}"], cwd=run_folder,
+            env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "the page is at" not in log.read_text():  # LitServe is starting its processes now
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve still running 30 s after SIGTERM during start-up:\n{log.read_text()}")
+        deadline = time.monotonic() + 5
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session_processes(process.pid) == [], log.read_text()
+        assert "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        for pid in session_processes(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_litserve_still_logs_the_monitor_message_that_serve_filters_while_stopping():
+    import litserve.server
+
+    from mnist_lit.digit_api import MonitorAfterStop
+
+    assert f'"{MonitorAfterStop.MESSAGE}"' in inspect.getsource(litserve.server)
+
+
+# --- Hostile and large images over HTTP -----------------------------------------------------------------
+
+
+def b64(data: bytes) -> dict:
+    return {"image": base64.b64encode(data).decode()}
+
+
+@pytest.mark.slow
+def test_image_bombs_are_refused_fast_and_a_large_photo_is_still_predicted(server):
+    for name, data, status, words in (
+        ("1-bit PNG 13000x13000", png_bomb(), 413, "13000x13000 pixels"),
+        ("JPEG declaring 13000x13000", jpeg_declaring(13000, 13000), 413, "13000x13000 pixels"),
+        ("JPEG declaring 6000x4000", jpeg_declaring(6000, 4000), 422, "truncated"),
+    ):
+        began = time.perf_counter()
+        response = post(server, b64(data))
+        seconds = time.perf_counter() - began
+        assert response.status_code == status, (name, response.text)
+        assert words in response.json()["detail"], (name, response.text)
+        assert seconds < 1, f"{name}: {seconds:.2f} s"  # decoding them took 1-8 s and 1.3-2.4 GB
+    photo = Image.new("RGB", (4000, 3000), (235, 230, 220))
+    ImageDraw.Draw(photo).rectangle((1800, 600, 2200, 2400), fill=(20, 20, 30))
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90)
+    response = post(server, b64(buffer.getvalue()))
+    assert response.status_code == 200, response.text
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_health_stays_fast_while_large_uploads_decode(server):
+    picture = Image.new("RGBA", (7000, 7000), "white")  # 49 MP, under the budget: about 1 s to decode
+    ImageDraw.Draw(picture).rectangle((3000, 1400, 4000, 5600), fill="black")
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    body = b64(buffer.getvalue())
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        began = time.perf_counter()
+        uploads = [pool.submit(post, server, body) for _ in range(2)]
+        waits = []
+        while not all(upload.done() for upload in uploads):
+            start = time.perf_counter()
+            assert requests.get(f"{server.url}/health", timeout=30).text == "ok"
+            waits.append(time.perf_counter() - start)
+            time.sleep(0.05)
+        decoding = time.perf_counter() - began
+    assert [upload.result().status_code for upload in uploads] == [200, 200]
+    assert decoding > 0.5, f"the uploads took only {decoding:.2f} s: too little to show anything"
+    assert max(waits) < 0.5, (
+        f"/health took up to {max(waits):.2f} s while {decoding:.1f} s of uploads decoded"
+    )
+    print(f"/health at most {max(waits) * 1e3:.0f} ms over {len(waits)} tries; uploads took {decoding:.1f} s")
+
+
+# --- A body that does not arrive -------------------------------------------------------------------------
+
+
+def slow_request(port: int, declared: int = 1000, sent: bytes = b'{"image": "') -> socket.socket:
+    """A raw connection that sends headers and the start of a body, then nothing more."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    conn.sendall(head.encode() + sent)
+    return conn
+
+
+@pytest.mark.slow
+def test_a_body_that_does_not_arrive_gets_408_and_the_server_keeps_serving_others(server, expected):
+    port = int(server.url.rsplit(":", 1)[1])
+    began = time.monotonic()
+    stalled = [slow_request(port) for _ in range(20)]
+    try:
+        # Meanwhile the others are served.
+        good = post(server, {"image": encoded(pictures()["a.png"])})
+        assert good.status_code == 200, good.text
+        for conn in stalled:
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = conn.recv(4096)  # the 30 s socket timeout fails the test if nothing comes
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"did not arrive within 3 s (--body_timeout)" in answer, answer
+            assert conn.recv(4096) == b""  # and the connection is closed
+        waited = time.monotonic() - began
+        assert 2.5 < waited < 10, f"{waited:.1f} s"
+    finally:
+        for conn in stalled:
+            conn.close()
+    check_answer(post(server, {"image": encoded(pictures()["a.png"])}).json(), expected["a.png"])
+
+
+# --- The API key ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["--api_key", "LIT_SERVER_API_KEY"])
+def test_with_an_api_key_only_the_page_and_health_are_open(run_folder, expected, how):
+    key = "s3cret-key"
+    args, env = ([f"--api_key={key}"], None) if how == "--api_key" else ([], {**subprocess_env(), how: key})
+    with serve_process(run_folder, *args, "--max_pixels=5000", env=env) as (_, url, log):
+        body = {"image": encoded(pictures()["a.png"])}
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            response = requests.post(f"{url}/predict", json=body, headers=headers, timeout=60)
+            assert response.status_code == 401, response.text
+            detail = response.json()["detail"]
+            assert detail.startswith("POST /predict came with ") and "X-API-Key" in detail, detail
+        answer = requests.post(f"{url}/predict", json=body, headers={"X-API-Key": key}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        check_answer(answer.json(), expected["a.png"])
+        for path in ("/docs", "/openapi.json", "/info", "/redoc"):
+            assert requests.get(f"{url}{path}", timeout=30).status_code == 401, path
+        assert requests.get(f"{url}/openapi.json", headers={"X-API-Key": key}, timeout=30).status_code == 200
+        assert requests.get(f"{url}/health", timeout=30).text == "ok"
+        assert "<canvas" in requests.get(f"{url}/", timeout=30).text
+        assert key not in log.read_text()
+        # --max_pixels reaches the decoding: 84x84 is over 5000 pixels, 28x28 is not.
+        larger = requests.post(
+            f"{url}/predict",
+            json={"image": encoded(pictures()["b.png"])},
+            headers={"X-API-Key": key},
+            timeout=60,
+        )
+        assert larger.status_code == 413 and "84x84 pixels" in larger.json()["detail"], larger.text
+        assert "more than the 0.005 megapixels allowed (--max_pixels)" in larger.json()["detail"], larger.text
+
+
+def test_listening_on_every_interface_without_a_key_says_so_once(run_folder, monkeypatch, capsys):
+    import mnist_lit.digit_api
+
+    started = []
+    monkeypatch.setattr(mnist_lit.digit_api, "run_server", lambda *args, **kwargs: started.append(kwargs))
+    monkeypatch.delenv("LIT_SERVER_API_KEY", raising=False)
+    checkpoint = next((run_folder / "lightning_logs").rglob("last.ckpt"))
+    port = str(free_port())
+    cli("serve", f"--ckpt_path={checkpoint}", "--host=0.0.0.0", f"--port={port}")
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == [
+        f"serve: warning: --host 0.0.0.0 without --api_key: anyone who can reach this machine on port {port} "
+        "can use the model (see README, Serve)"
+    ]
+    cli("serve", f"--ckpt_path={checkpoint}", "--host=0.0.0.0", f"--port={port}", "--api_key=k")
+    monkeypatch.setenv("LIT_SERVER_API_KEY", "k2")
+    cli("serve", f"--ckpt_path={checkpoint}", f"--port={port}")
+    assert "warning" not in capsys.readouterr().err
+    assert [kwargs["api_key"] for kwargs in started] == [None, "k", "k2"]

@@ -33,7 +33,7 @@ SHOWN = "document.getElementById('result').dataset.shown === document.getElement
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def trained(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("page")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
@@ -44,7 +44,12 @@ def server(tmp_path_factory):
             )  # fmt: skip
         else:
             cli(*fit_args(write_mnist(folder / "data")))
-    with running_server(folder) as server:
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    with running_server(trained) as server:
         yield server
 
 
@@ -106,17 +111,17 @@ def shown_answer(page) -> dict:
     }
 
 
-def served_answer(page, server) -> dict:
+def served_answer(page, server, headers: dict | None = None) -> dict:
     """/predict's answer for the canvas as it is now, sent as the PNG the page itself would send."""
     png = page.locator("#pad").evaluate("canvas => canvas.toDataURL('image/png')").split(",", 1)[1]
     assert base64.b64decode(png).startswith(b"\x89PNG")
-    response = requests.post(f"{server.url}/predict", json={"image": png}, timeout=120)
+    response = requests.post(f"{server.url}/predict", json={"image": png}, headers=headers, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def check_page_matches_predict(page, server) -> dict:
-    shown, served = shown_answer(page), served_answer(page, server)
+def check_page_matches_predict(page, server, headers: dict | None = None) -> dict:
+    shown, served = shown_answer(page), served_answer(page, server, headers)
     assert shown["digit"] == served["digit"] and shown["top"] == [served["digit"]]
     assert shown["probabilities"] == pytest.approx(served["probabilities"], abs=1e-12)
     assert shown["logits"] == pytest.approx(served["logits"], abs=1e-12)
@@ -165,3 +170,35 @@ def test_on_a_phone_a_finger_draws_and_the_page_fits_the_screen(browser, server)
     if REAL:
         assert shown["digit"] == 7
     context.close()
+
+
+KEY = "page-s3cret"
+
+
+@pytest.mark.slow
+def test_with_an_api_key_the_page_asks_for_it_once_and_sends_it(browser, trained):
+    with running_server(trained, f"--api_key={KEY}") as server:
+        context = browser.new_context(viewport={"width": 1000, "height": 660})
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        questions = []
+
+        def answer(dialog) -> None:
+            questions.append(dialog.message)
+            dialog.accept("wrong key" if len(questions) == 1 else KEY)
+
+        page.on("dialog", answer)
+        page.goto(server.url)
+        draw_with_mouse(page, SEVEN)
+        check_page_matches_predict(page, server, {"X-API-Key": KEY})
+        page.click("#clear")
+        draw_with_mouse(page, ONE)
+        check_page_matches_predict(page, server, {"X-API-Key": KEY})
+        # A wrong key is asked for again, saying so; the right one is kept for the tab, even on reload.
+        assert len(questions) == 2 and "needs its API key" in questions[0], questions
+        assert questions[1].startswith("That API key was not accepted."), questions
+        page.reload()
+        draw_with_mouse(page, SEVEN)
+        check_page_matches_predict(page, server, {"X-API-Key": KEY})
+        assert len(questions) == 2, questions
+        context.close()
