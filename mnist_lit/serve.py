@@ -103,3 +103,10 @@ def serve(
         max_pixels=max_pixels,
         api_key=api_key,
     )
+
+
+def main(argv: list[str]) -> None:
+    """``python -m mnist_lit serve ARGS`` (routed here by __main__.py)."""
+    from mnist_lit.cli import run_function
+
+    run_function(serve, argv)

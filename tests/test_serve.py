@@ -12,6 +12,7 @@ import inspect
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,12 +33,11 @@ from tests.helpers import (
     QUICK,
     REAL_DATA,
     cli,
-    fit_args,
     free_port,
     running_server,
+    session_processes,
     subprocess_env,
     synthetic_digits,
-    write_mnist,
 )
 from tests.test_images import jpeg_declaring, png_bomb
 
@@ -69,13 +69,10 @@ def post(server, json=None, **kwargs) -> requests.Response:
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory) -> Path:
-    """A folder holding one fit run (lightning_logs/version_0) on tiny synthetic MNIST."""
-    folder = tmp_path_factory.mktemp("serve")
-    data = write_mnist(folder / "data")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        cli(*fit_args(data))
+def run_folder(tmp_path_factory, trained_run) -> Path:
+    """A copy of the session's trained run (lightning_logs/version_0) to serve, and to predict beside."""
+    folder = tmp_path_factory.mktemp("serve") / "run"
+    shutil.copytree(trained_run, folder)
     return folder
 
 
@@ -116,6 +113,7 @@ def check_answer(answer: dict, want: dict) -> None:
     assert probabilities.tolist() == pytest.approx(want["probabilities"], abs=2e-6)  # the CSV rounds
 
 
+@pytest.mark.slow
 def test_served_answers_equal_predict_for_the_same_files(server, expected):
     assert sorted(expected) == sorted(pictures())
     assert len({want["digit"] for want in expected.values()}) > 1  # not one answer for everything
@@ -157,6 +155,7 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
     }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(bad_requests()))
 def test_bad_input_gets_a_4xx_sentence_and_the_next_request_is_served(server, expected, case):
     arguments, status, words = bad_requests()[case]
@@ -170,6 +169,7 @@ def test_bad_input_gets_a_4xx_sentence_and_the_next_request_is_served(server, ex
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.slow
 def test_200_concurrent_requests_are_all_answered_and_batched(server, expected):
     names = list(pictures())
     bodies = {name: {"image": encoded(pictures()[name], "JPEG" if "jp" in name else "PNG")} for name in names}
@@ -194,6 +194,7 @@ def test_200_concurrent_requests_are_all_answered_and_batched(server, expected):
     print(f"200 concurrent requests in {seconds:.1f} s, batch sizes {sorted(sizes, reverse=True)}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (REAL_DATA / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file(), reason="no ../shared/data"
 )
@@ -232,6 +233,7 @@ def test_start_up_errors_are_one_line(run_folder, tmp_path, monkeypatch):
         assert message.startswith("mnist_lit: error: ") and words in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_port_in_use_and_bad_flags_end_in_one_line_without_traceback(run_folder):
     with socket.socket() as taken:
         port = free_port()
@@ -249,9 +251,10 @@ def test_port_in_use_and_bad_flags_end_in_one_line_without_traceback(run_folder)
             assert words in lines[0]
 
 
+@pytest.mark.slow
 def test_other_commands_do_not_import_litserve():
     code = (
-        "import sys\nfrom mnist_lit.cli import main\n"
+        "import sys\nfrom mnist_lit.__main__ import main\n"
         "for command in ('fit', 'export', 'serve'):\n"
         "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
         "print(sorted(m for m in ('litserve', 'fastapi', 'uvicorn') if m in sys.modules))"
@@ -264,20 +267,6 @@ def test_other_commands_do_not_import_litserve():
 
 
 # --- Stopping: SIGTERM or SIGINT to the main process only ---------------------------------------------
-
-
-def session_processes(session: int) -> list[int]:
-    """The live processes of a session (Linux /proc): what serve started stays in the session it was started
-    in. Zombies are left out: they have exited, and wait for whoever inherited them to collect them."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # it ended while we looked
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":  # fields 6 and 3 of stat, counted after the name
-            found.append(int(stat.parent.name))
-    return found
 
 
 def port_is_free(port: int) -> bool:

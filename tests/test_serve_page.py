@@ -18,7 +18,10 @@ from playwright.sync_api import sync_playwright
 from tests.helpers import QUICK, REAL_DATA, cli, fit_args, running_server, write_mnist
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)"),
+]
 # Headless and offline: nothing that phones home, no GPU, no sandbox (CI runs as root in a container).
 BROWSER_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -175,7 +178,6 @@ def test_on_a_phone_a_finger_draws_and_the_page_fits_the_screen(browser, server)
 KEY = "page-s3cret"
 
 
-@pytest.mark.slow
 def test_with_an_api_key_the_page_asks_for_it_once_and_sends_it(browser, trained):
     with running_server(trained, f"--api_key={KEY}") as server:
         context = browser.new_context(viewport={"width": 1000, "height": 660})
