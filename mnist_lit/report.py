@@ -96,16 +96,17 @@ class TestReport(Callback):
             low, high = image.min(), image.max()  # each digit scaled to its own range, as imshow would
             top, left = (i // columns) * (side + band) + band, (i % columns) * (side + 4) + 2
             canvas[top : top + side, left : left + side] = (image - low) / (high - low).clamp(min=1e-6)
-        figure = Figure(figsize=(columns * 1.2, rows * 1.45 + 0.4))
-        ax = figure.add_axes((0.0, 0.0, 1.0, 1 - 0.4 / (rows * 1.45 + 0.4)))
+        # Drawn about as wide as TensorBoard's image card shows it (~600 px), so its labels stay readable.
+        figure = Figure(figsize=(columns * 0.75, rows * 0.95 + 0.4))
+        ax = figure.add_axes((0.0, 0.0, 1.0, 1 - 0.4 / (rows * 0.95 + 0.4)))
         ax.axis("off")
         ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         for i in range(len(labels)):
             x, y = (i % columns) * (side + 4) + 2 + side / 2, (i // columns) * (side + band) + band - 1
             text = f"{labels[i]}→{predicted[i]} {self.worst_prob[i]:.0%}"
-            ax.text(x, y, text, ha="center", va="bottom", fontsize=9)
-        title = f"{len(labels)} most confident mistakes: true→predicted, probability of the prediction"
-        figure.suptitle(title if len(labels) else "no misclassified test digits", fontsize=10)
+            ax.text(x, y, text, ha="center", va="bottom", fontsize=10)
+        title = f"{len(labels)} most confident mistakes: true→predicted, its probability"
+        figure.suptitle(title if len(labels) else "no misclassified test digits", fontsize=11)
         return figure
 
 
@@ -114,9 +115,9 @@ def confusion_figure(confusion: torch.Tensor) -> "Figure":
     from matplotlib.figure import Figure
 
     confusion = confusion.cpu()
-    figure = Figure(figsize=(9, 8))
+    figure = Figure(figsize=(6, 5.4))  # about TensorBoard's image card: readable there without zooming
     # Fixed margins instead of a layout pass, which took as long as drawing the figure.
-    ax = figure.add_axes((0.08, 0.08, 0.9, 0.86))
+    ax = figure.add_axes((0.11, 0.1, 0.86, 0.82))
     # torchmetrics' own plot: the heat map, labelled axes. Counts only where there are any: the few
     # mistakes stand out among blank cells, and drawing 100 numbers was most of the figure's time.
     MulticlassConfusionMatrix(NUM_CLASSES).plot(confusion, ax=ax, cmap="Blues", add_text=False)
@@ -126,7 +127,7 @@ def confusion_figure(confusion: torch.Tensor) -> "Figure":
         red, green, blue, _ = colormap(norm(count))
         dark = 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.5  # luminance: white text on dark cells
         color = "white" if dark else "black"
-        ax.text(predicted, true, str(count), ha="center", va="center", fontsize=15, color=color)
-    ax.tick_params(labelrotation=0)  # torchmetrics tilts the digits, which only makes them harder to read
+        ax.text(predicted, true, str(count), ha="center", va="center", fontsize=11, color=color)
+    ax.tick_params(labelrotation=0, labelsize=11)  # torchmetrics tilts the digits: harder to read
     ax.set_title(f"Confusion matrix, {int(confusion.sum())} test digits")
     return figure
