@@ -348,8 +348,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
                     )
             # Workers that start together on a new database all create its tables: the losers find them
-            # half made (a duplicate table or version row) and, a moment later, made.
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # half made (a duplicate table or version row; SQLite says "table ... already exists") and,
+            # a moment later, made.
+            except (
+                sqlalchemy.exc.IntegrityError,
+                sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.OperationalError,
+            ):
                 if attempt == 2:
                     raise
                 time.sleep(1)
