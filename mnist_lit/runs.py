@@ -169,7 +169,9 @@ def log_into_run(logger_settings, checkpoint: Path, command: str) -> str | None:
         return None
     if command == "fit":
         logger_settings.save_dir, logger_settings.name = str(run.log_dir.parent), ""
-        logger_settings.version = run.log_dir.name
+        # version_N as the number N, which TensorBoardLogger files as version_N (and shows as v_num).
+        number = run.log_dir.name.removeprefix("version_")
+        logger_settings.version = int(number) if number.isdigit() else run.log_dir.name
         return "resumed"
     logger_settings.save_dir, logger_settings.name = str(run.log_dir), ""
     return "inside"
