@@ -95,4 +95,4 @@ class PredictionWriter(BasePredictionWriter):
         write_whole(path, rows, files)
         if files:
             print_table([(files[index], digit, row[digit]) for index, digit, row in rows])
-        print(f"Predictions for {len(rows)} images written to {path}")
+        print(f"Predictions for {len(rows)} image{'' if len(rows) == 1 else 's'} written to {path}")

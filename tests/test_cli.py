@@ -176,6 +176,14 @@ def test_help_lists_every_command_with_its_summary(capsys):
             assert re.search(rf"^ +{command} +\w", text, re.MULTILINE), command  # listed, with its summary
 
 
+def test_a_commands_help_says_what_it_does_in_whole_sentences(capsys):
+    with pytest.raises(SystemExit):
+        cli("test", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "It's separated from fit to make sure you never run on your" in text
+    assert "set until you want to." in text  # not cut after LightningCLI's first line
+
+
 def test_a_run_that_trains_nothing_is_refused_and_leaves_nothing(workdir, mnist_dir):
     message = error_of(*fit_args(mnist_dir, "--trainer.max_epochs=0"))
     assert "--trainer.max_epochs 0 trains nothing" in message

@@ -45,7 +45,7 @@ def test_fit_test_predict_with_default_flags_print_only_what_was_asked(tmp_path,
     ImageDraw.Draw(image).line([(30, 10), (30, 50)], fill=0, width=6)
     image.save(tmp_path / "one.png")
     predict = run(tmp_path, "predict", "--data.predict_path=one.png")
-    assert "one.png" in predict.stdout and "Predictions for 1 images written to" in predict.stdout
+    assert "one.png" in predict.stdout and "Predictions for 1 image written to" in predict.stdout
     # Each evaluation is filed under the run it evaluated; the training runs stay the only version_N.
     logs = tmp_path / "lightning_logs"
     assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
