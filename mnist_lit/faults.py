@@ -42,6 +42,12 @@ class LastCheckpoint(ModelCheckpoint):
     ) -> None:
         if isinstance(exception, SIGTERMException):
             super().on_exception(trainer, pl_module, exception)
+            return
+        kept = Path(self.format_checkpoint_name({})) if self.dirpath else None
+        if kept is not None and kept.is_file():  # where to resume from, for the one line (messages.py)
+            from mnist_lit.messages import KEPT_NOTE
+
+            exception.add_note(f"{KEPT_NOTE}{kept}")
 
 
 class StopOnDivergence(Callback):

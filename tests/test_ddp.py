@@ -3,6 +3,7 @@ torchrun "nodes" on this machine. Every run is guarded: one that hangs fails wit
 """
 
 import ast
+import contextlib
 import csv
 import math
 import os
@@ -23,6 +24,7 @@ from tests.helpers import (
     CONFIGS,
     QUICK,
     Guarded,
+    _descendants,
     cli,
     idx_bytes,
     run_guarded,
@@ -260,3 +262,37 @@ def test_stopped_mid_epoch_under_ddp_saves_a_checkpoint_that_resumes_exactly(
     assert resumed["global_step"] == uninterrupted_ddp["global_step"] == 26
     for key, value in uninterrupted_ddp["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of DDP rank ``rank`` (>0) that Lightning's launcher ``launcher`` started."""
+    for pid in _descendants(launcher):
+        with contextlib.suppress(OSError):
+            if f"LOCAL_RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    pytest.fail(f"no rank {rank} below {launcher}")
+
+
+@pytest.mark.slow
+def test_a_lost_rank_ends_the_survivor_with_one_line_naming_it(tmp_path, mnist_dir):
+    # kill -9 of rank 1 mid-epoch 1 (what the out-of-memory killer does): rank 0 finds its peer gone
+    # in the next collective and ends at once, naming the rank and the last.ckpt of epoch 0.
+    marker = tmp_path / "epoch1-under-way"
+    pace = ["--trainer.callbacks+=tests.pacing.Pace", f"--trainer.callbacks.marker={marker}"]
+    run = Guarded(mnist_cli(*stoppable_fit(mnist_dir), *pace), tmp_path, GUARD)
+    while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
+        time.sleep(0.02)
+    os.kill(rank_pid(run.proc.pid, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    proc = run.wait()
+    took = time.monotonic() - killed
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "rank 0 of 2 lost rank 1: it died or was killed" in errors[0], errors[0]
+    assert errors[0].endswith(f"resume with the same command plus --ckpt_path={last}")
+    assert load_checkpoint(last)["global_step"] == 13  # epoch 0's, kept
+    assert took < 30, f"the survivor took {took:.1f} s to end"
+    assert not session_processes(run.proc.pid), "a process outlived the run"

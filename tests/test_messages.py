@@ -4,6 +4,8 @@ library (jsonargparse, torch.load, c10d) to messages.py, so a change of their wo
 import datetime
 import pickle
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,3 +74,34 @@ def test_ranks_that_never_joined_are_counted():
 def test_other_errors_are_not_taken_for_a_stalled_rank():
     assert messages.stalled_message(RuntimeError("CUDA out of memory")) is None
     assert messages.stalled_message(ValueError("Timed out")) is None
+
+
+def test_a_rank_that_died_mid_collective_is_named_lost(tmp_path):
+    # Rank 1 joins, then exits while rank 0 (this process) waits in an all_reduce: gloo's own error.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    join = (
+        "import os, datetime, torch.distributed as dist; "
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=1, world_size=2, "
+        "timeout=datetime.timedelta(seconds=30)); dist.barrier(); os._exit(0)"
+    )
+    peer = subprocess.Popen([sys.executable, "-c", join])
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+            timeout=datetime.timedelta(seconds=30),
+        )  # fmt: skip
+        dist.barrier()  # both joined; then rank 1 is gone
+        peer.wait(timeout=60)
+        with pytest.raises(RuntimeError) as error:
+            dist.all_reduce(torch.ones(1))
+        error.value.add_note(f"{messages.KEPT_NOTE}runs/version_0/checkpoints/last.ckpt")
+        line = messages.stalled_message(error.value)
+    finally:
+        peer.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert line is not None, str(error.value)
+    assert line.startswith("rank 0 of 2 lost rank 1: it died or was killed") and "\n" not in line
+    assert line.endswith("--ckpt_path=runs/version_0/checkpoints/last.ckpt")
