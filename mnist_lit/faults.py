@@ -156,10 +156,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             partial.unlink(missing_ok=True)
-            if err.errno != errno.ENOSPC:
+            if not out_of_space(err):
                 raise
             from mnist_lit.messages import disk_full
 
             raise UserError(disk_full(path, checkpoint)) from None
+
+
+def out_of_space(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error it was raised from is a full disk or quota.
+
+    torch's zip writer turns the file's ENOSPC into its own RuntimeError ("unexpected pos"), raised
+    while handling the OSError.
+    """
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
