@@ -7,14 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.errors import UserError
 from mnist_lit.faults import AtomicCheckpointIO
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import QUICK, cli, last_checkpoint_of_fit, run_guarded, subprocess_env
+from tests.helpers import QUICK, Guarded, cli, last_checkpoint_of_fit, run_guarded, subprocess_env
 
 # 500 training images in batches of 20: 25 steps an epoch, long enough to be interrupted inside one.
 STEPS_PER_EPOCH = 25
@@ -43,9 +45,17 @@ def wait_for(path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, mnist_dir) -> dict:
+def straight_run(tmp_path_factory, mnist_dir) -> Path:
+    """The run folder (version_0) of the same two epochs, run straight through."""
+    folder = tmp_path_factory.mktemp("straight")
+    last_checkpoint_of_fit(folder, *fit_flags(mnist_dir))
+    return folder / "lightning_logs/version_0"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight_run) -> dict:
     """last.ckpt of the same two epochs, run straight through."""
-    return last_checkpoint_of_fit(tmp_path_factory.mktemp("straight"), *fit_flags(mnist_dir))
+    return load_checkpoint(straight_run / "checkpoints/last.ckpt")
 
 
 @pytest.mark.slow
@@ -186,3 +196,53 @@ def test_a_full_disk_names_the_folder_and_the_size_and_removes_the_partial_file(
         "the checkpoints already written are kept"
     )
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def val_acc_points(run: Path) -> list[tuple[int, float]]:
+    """Every (step, value) that a run logged for val/acc, over all of its event files."""
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [(point.step, point.value) for point in events.Scalars("val/acc")]
+
+
+def best_of(checkpoint: dict) -> tuple[str, float]:
+    """The best checkpoint's file name and score, as the val/acc ModelCheckpoint recorded them."""
+    state = next(v for k, v in checkpoint["callbacks"].items() if "val/acc" in k and "ModelCheckpoint" in k)
+    return Path(state["best_model_path"]).name, float(state["best_model_score"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("phase", "nth"),
+    [("validation", 0), ("step_end", STEPS_PER_EPOCH - 1)],
+    ids=["inside-validation", "after-the-last-batch"],
+)
+def test_a_stop_around_an_epochs_validation_resumes_with_the_same_history_and_best(
+    workdir, mnist_dir, straight_run, uninterrupted, phase, nth
+):
+    # Epoch 0 is held inside its validation (after its one batch) or right after its last training
+    # batch; the signal lands there. The resumed run must still have validated epoch 0 and chosen the
+    # best checkpoint from the same scores.
+    marker = workdir / "held"
+    moment = [
+        "--trainer.callbacks+=tests.pacing.Moment", f"--trainer.callbacks.marker={marker}",
+        f"--trainer.callbacks.phase={phase}", f"--trainer.callbacks.nth={nth}",
+        "--trainer.callbacks.hold=1.5", "--trainer.callbacks.ms=0",
+    ]  # fmt: skip
+    run = Guarded([sys.executable, "-m", "mnist_lit", *fit_flags(mnist_dir), *moment], workdir, 300)
+    while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
+        time.sleep(0.01)
+    run.proc.send_signal(signal.SIGINT)
+    proc = run.wait()
+    assert proc.returncode != 0 and "training stopped by a signal at epoch 1" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert STEPS_PER_EPOCH < load_checkpoint(last)["global_step"] < 2 * STEPS_PER_EPOCH
+
+    cli(*fit_flags(mnist_dir), f"--ckpt_path={last}")
+    run_folder = workdir / "lightning_logs/version_0"
+    assert val_acc_points(run_folder) == val_acc_points(straight_run)
+    assert best_of(load_checkpoint(last)) == best_of(uninterrupted)
+    best_name = best_of(uninterrupted)[0]
+    assert sorted(p.name for p in (run_folder / "checkpoints").iterdir()) == sorted([best_name, "last.ckpt"])
