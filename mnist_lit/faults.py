@@ -34,7 +34,8 @@ class LastCheckpoint(ModelCheckpoint):
     A separate callback from the best-by-val/acc one, since Lightning's ``save_last`` only rewrites
     ``last.ckpt`` when that one improves. Only an orderly stop (SIGTERM or Ctrl-C, which end the current
     batch first) is saved: after any other exception the model may be half-updated, and after a
-    divergence its weights are NaN, so the last good ``last.ckpt`` is kept instead.
+    divergence its weights are NaN, so the last good ``last.ckpt`` is kept instead, and named in a note
+    on the exception for the one line that ends the run (a lost DDP rank's, messages.stalled_message).
     """
 
     def on_exception(
@@ -47,7 +48,8 @@ class LastCheckpoint(ModelCheckpoint):
         if kept is not None and kept.is_file():  # where to resume from, for the one line (messages.py)
             from mnist_lit.messages import KEPT_NOTE
 
-            exception.add_note(f"{KEPT_NOTE}{kept}")
+            # The list that Python 3.11's add_note appends to; 3.10 has no add_note.
+            exception.__notes__ = [*getattr(exception, "__notes__", []), f"{KEPT_NOTE}{kept}"]
 
 
 class StopOnDivergence(Callback):
