@@ -4,7 +4,6 @@ library (jsonargparse, torch.load, c10d) to messages.py, so a change of their wo
 import datetime
 import pickle
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveFloat
 
 from mnist_lit import messages
-from tests.helpers import subprocess_env
+from tests.helpers import Guarded, wait_all
 
 
 def jsonargparse_error(*args: str) -> str:
@@ -100,24 +99,15 @@ except RuntimeError as err:
 """
 
 
-def test_a_rank_that_died_mid_collective_is_named_lost():
+@pytest.mark.slow
+def test_a_rank_that_died_mid_collective_is_named_lost(tmp_path):
     # Two processes, as DDP's ranks (a process group of their own, apart from this one's state): rank 1
     # leaves after a barrier, rank 0 meets gloo's own error in its next all_reduce and rewrites it.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", RANK, str(rank), str(port)], stdout=subprocess.PIPE, text=True,
-            env=subprocess_env(),
-        )
-        for rank in (0, 1)
-    ]  # fmt: skip
-    try:
-        out = ranks[0].communicate(timeout=120)[0]
-    finally:
-        for rank in ranks:
-            rank.kill()
+    ranks = [Guarded([sys.executable, "-c", RANK, rank, port], tmp_path, timeout=120) for rank in (0, 1)]
+    out = wait_all(ranks)[0].stdout
     kind, line, *gloo = out.splitlines() or ["", ""]
     assert kind == "RuntimeError" and "Connection" in "".join(gloo), out
     assert line.startswith("rank 0 of 2 lost rank 1: it died or was killed"), out
