@@ -7,7 +7,6 @@ inside a signal handler (which would race the collective the other ranks are in)
 """
 
 import contextlib
-import errno
 import os
 import shutil
 import signal
@@ -160,21 +159,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, path)
         except (OSError, RuntimeError) as err:
             partial.unlink(missing_ok=True)
+            from mnist_lit.messages import disk_full, out_of_space
+
             if not out_of_space(err):
                 raise
-            from mnist_lit.messages import disk_full
-
             raise UserError(disk_full(path, checkpoint)) from None
-
-
-def out_of_space(err: BaseException | None) -> bool:
-    """Whether ``err`` or an error it was raised from is a full disk or quota.
-
-    torch's zip writer turns the file's ENOSPC into its own RuntimeError ("unexpected pos"), raised
-    while handling the OSError.
-    """
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False

@@ -166,6 +166,21 @@ def diverged(trainer, loss: float, batch_idx: int, interval: int | None) -> str:
     )
 
 
+def out_of_space(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error it was raised from is a full disk or quota.
+
+    torch's zip writer turns the file's ENOSPC into its own RuntimeError ("unexpected pos"), raised
+    while handling the OSError.
+    """
+    import errno
+
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def disk_full(path: Path, checkpoint: dict) -> str:
     """No space left to write ``checkpoint`` to ``path``; how much it needed."""
     import io
