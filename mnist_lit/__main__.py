@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         module.main(argv)
     except (UserError, MisconfigurationException) as err:  # Lightning's: settings that do not fit together
         sys.exit(f"mnist_lit: error: {err}")
-    except RuntimeError as err:  # DDP ranks that stopped agreeing; anything else is a bug: traceback
+    except RuntimeError as err:  # a DDP rank lost, or ranks that stopped agreeing; else a bug: traceback
         from mnist_lit.messages import stalled_message
 
         if (line := stalled_message(err)) is None:

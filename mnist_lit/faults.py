@@ -7,7 +7,6 @@ inside a signal handler (which would race the collective the other ranks are in)
 """
 
 import contextlib
-import errno
 import os
 import shutil
 import signal
@@ -34,7 +33,8 @@ class LastCheckpoint(ModelCheckpoint):
     A separate callback from the best-by-val/acc one, since Lightning's ``save_last`` only rewrites
     ``last.ckpt`` when that one improves. Only an orderly stop (SIGTERM or Ctrl-C, which end the current
     batch first) is saved: after any other exception the model may be half-updated, and after a
-    divergence its weights are NaN, so the last good ``last.ckpt`` is kept instead.
+    divergence its weights are NaN, so the last good ``last.ckpt`` is kept instead, and named in a note
+    on the exception for the one line that ends the run (a lost DDP rank's, messages.stalled_message).
     """
 
     def on_exception(
@@ -42,6 +42,13 @@ class LastCheckpoint(ModelCheckpoint):
     ) -> None:
         if isinstance(exception, SIGTERMException):
             super().on_exception(trainer, pl_module, exception)
+            return
+        kept = Path(self.format_checkpoint_name({})) if self.dirpath else None
+        if kept is not None and kept.is_file():  # where to resume from, for the one line (messages.py)
+            from mnist_lit.messages import KEPT_NOTE
+
+            # The list that Python 3.11's add_note appends to; 3.10 has no add_note.
+            exception.__notes__ = [*getattr(exception, "__notes__", []), f"{KEPT_NOTE}{kept}"]
 
 
 class StopOnDivergence(Callback):
@@ -150,10 +157,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             partial.unlink(missing_ok=True)
-            if err.errno != errno.ENOSPC:
-                raise
-            from mnist_lit.messages import disk_full
+            from mnist_lit.messages import disk_full, out_of_space
 
+            if not out_of_space(err):
+                raise
             raise UserError(disk_full(path, checkpoint)) from None

@@ -75,10 +75,17 @@ COLLECTIVES = (
 )  # fmt: skip
 
 
+LOST_PEER = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|Connection refused")
+KEPT_NOTE = "last checkpoint kept: "  # faults.LastCheckpoint's note on an error that ends a fit
+
+
 def stalled_message(err: BaseException) -> str | None:
     """One line for a collective that timed out, or whose peer went away; None for any other error.
 
-    It names this rank, the collective it waited in, and the code of ours that called it.
+    A timeout names this rank, the collective it waited in and the code of ours that called it. A lost
+    peer (gloo's "Connection reset by peer": the rank was killed, by kill -9 or the out-of-memory killer)
+    can come out of any collective, DDP's own in backward included, so it needs no frame of ours; it names
+    the rank that was lost where there are only two, and the ``last.ckpt`` to resume from.
     """
     import torch.distributed as dist
 
@@ -89,9 +96,25 @@ def stalled_message(err: BaseException) -> str | None:
             f"only {joined[2]} of {joined[3]} processes started within {joined[1]} s: one failed to start "
             f"or is stuck (see its output); if they are only slow, wait longer with {TIMEOUT_FLAG}"
         )
-    if not isinstance(err, RuntimeError) or not re.search(
-        r"[Tt]imed out|[Tt]imeout|Connection closed by peer|Connection reset by peer", text
-    ):
+    if not isinstance(err, RuntimeError):
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else None
+    world = dist.get_world_size() if dist.is_initialized() else None
+    if LOST_PEER.search(text):
+        other = f"rank {1 - rank}" if world == 2 else "another rank"
+        kept = next(
+            (n[len(KEPT_NOTE) :] for n in getattr(err, "__notes__", ()) if n.startswith(KEPT_NOTE)), None
+        )
+        resume = (
+            f"resume with the same command plus --ckpt_path={kept}"
+            if kept
+            else "no last.ckpt was saved before it"
+        )
+        return (
+            f"rank {'?' if rank is None else rank} of {world or '?'} lost {other}: it died or was killed "
+            f"(see its output, or the system log for the out-of-memory killer); {resume}"
+        )
+    if not re.search(r"[Tt]imed out|[Tt]imeout", text):
         return None
     frames = traceback.extract_tb(err.__traceback__)
     collective = next(
@@ -102,15 +125,11 @@ def stalled_message(err: BaseException) -> str | None:
     here = Path(__file__).parent
     caller = next((f for f in reversed(frames) if Path(f.filename).parent == here), None)
     where = f" in {Path(caller.filename).stem}.py:{caller.lineno} ({caller.name})" if caller else ""
-    rank = dist.get_rank() if dist.is_initialized() else "?"
-    world = dist.get_world_size() if dist.is_initialized() else "?"
     waited = re.search(r"waiting (\d+)ms", text)
     after = f" {int(waited[1]) / 1000:g} s" if waited else ""
-    what = f"waited{after} for the other ranks in {collective}{where} and gave up"
-    if "onnection" in text:
-        what = f"lost the other ranks in {collective}{where}"
     return (
-        f"rank {rank} of {world} {what}: a rank stalled, died or took another path (see the other ranks' "
+        f"rank {'?' if rank is None else rank} of {world or '?'} waited{after} for the other ranks in "
+        f"{collective}{where} and gave up: a rank stalled, died or took another path (see the other ranks' "
         f"output); if one is only slow, wait longer with {TIMEOUT_FLAG}"
     )
 
@@ -145,6 +164,21 @@ def diverged(trainer, loss: float, batch_idx: int, interval: int | None) -> str:
         f"training diverged: the loss became {loss} at epoch {trainer.current_epoch}, step "
         f"{trainer.global_step} (batch {batch_idx}){seen}; {kept_text}; lower the learning rate"
     )
+
+
+def out_of_space(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error it was raised from is a full disk or quota.
+
+    torch's zip writer turns the file's ENOSPC into its own RuntimeError ("unexpected pos"), raised
+    while handling the OSError.
+    """
+    import errno
+
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def disk_full(path: Path, checkpoint: dict) -> str:

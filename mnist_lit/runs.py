@@ -65,18 +65,43 @@ class Run:
         """The checkpoint ModelCheckpoint recorded as best, and its monitored score.
 
         The newest checkpoint file carries ModelCheckpoint's latest state; the best one is looked up by
-        name in this run's folder, so a moved or copied log root still works.
+        name in this run's folder, so a moved or copied log root still works. The best is read before it
+        is returned: if it (or a newer file, which may be a newer best) cannot be read, UserError names
+        it and the checkpoint to pass as ``--ckpt_path`` instead, since a run that fails has good files
+        beside the bad one.
         """
-        newest = self.checkpoints[-1]
-        state = load_checkpoint(newest)
+        unreadable: UserError | None = None
+        for newest in reversed(self.checkpoints):
+            try:
+                state = load_checkpoint(newest)
+                break
+            except UserError as err:
+                unreadable = unreadable or err
+        else:
+            if unreadable is None:
+                raise UserError(f"{self.log_dir} has no checkpoint: pass --ckpt_path to a checkpoint")
+            raise UserError(f"{unreadable}; no other checkpoint of {self.log_dir} can be read either")
+        best, score = newest, None
         for callback_state in state.get("callbacks", {}).values():
             # Only a ModelCheckpoint with a monitor has a score; the one writing last.ckpt has none.
             if not isinstance(callback_state, dict) or callback_state.get("best_model_score") is None:
                 continue
-            best = newest.parent / Path(callback_state["best_model_path"]).name
-            if best.is_file():
-                return best, float(callback_state["best_model_score"])
-        return newest, None
+            recorded = newest.parent / Path(callback_state["best_model_path"]).name
+            if recorded.is_file():
+                best, score = recorded, float(callback_state["best_model_score"])
+                break
+        if best != newest:
+            try:
+                load_checkpoint(best)
+            except UserError as err:
+                unreadable = err
+                best, score = newest, None
+        if unreadable is not None:
+            raise UserError(
+                f"{unreadable}; so the best checkpoint of {self.log_dir.name} is unknown or unreadable: "
+                f"pass --ckpt_path={best} to use {best.name} instead"
+            )
+        return best, score
 
 
 def newest_run(log_root: Path) -> Run:

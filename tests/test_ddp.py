@@ -3,6 +3,7 @@ torchrun "nodes" on this machine. Every run is guarded: one that hangs fails wit
 """
 
 import ast
+import contextlib
 import csv
 import math
 import os
@@ -23,6 +24,7 @@ from tests.helpers import (
     CONFIGS,
     QUICK,
     Guarded,
+    _descendants,
     cli,
     idx_bytes,
     run_guarded,
@@ -260,3 +262,87 @@ def test_stopped_mid_epoch_under_ddp_saves_a_checkpoint_that_resumes_exactly(
     assert resumed["global_step"] == uninterrupted_ddp["global_step"] == 26
     for key, value in uninterrupted_ddp["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of DDP rank ``rank`` (>0) that Lightning's launcher ``launcher`` started."""
+    for pid in _descendants(launcher):
+        with contextlib.suppress(OSError):
+            if f"LOCAL_RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    pytest.fail(f"no rank {rank} below {launcher}")
+
+
+@pytest.mark.slow
+def test_a_lost_rank_ends_the_survivor_with_one_line_naming_it(tmp_path, mnist_dir):
+    # kill -9 of rank 1 mid-epoch 1 (what the out-of-memory killer does): rank 0 finds its peer gone
+    # in the next collective and ends at once, naming the rank and the last.ckpt of epoch 0.
+    marker = tmp_path / "epoch1-under-way"
+    pace = ["--trainer.callbacks+=tests.pacing.Pace", f"--trainer.callbacks.marker={marker}"]
+    run = Guarded(mnist_cli(*stoppable_fit(mnist_dir), *pace), tmp_path, GUARD)
+    while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
+        time.sleep(0.02)
+    os.kill(rank_pid(run.proc.pid, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    proc = run.wait()
+    took = time.monotonic() - killed
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "rank 0 of 2 lost rank 1: it died or was killed" in errors[0], errors[0]
+    assert errors[0].endswith(f"resume with the same command plus --ckpt_path={last}")
+    assert load_checkpoint(last)["global_step"] == 13  # epoch 0's, kept
+    assert took < 30, f"the survivor took {took:.1f} s to end"
+    assert not session_processes(run.proc.pid), "a process outlived the run"
+
+
+# Where Ctrl-C lands, one run each: (phase, nth time this run reaches it, rank held there, extra delay s).
+# Holding one rank sends the other into its next collective (backward's all-reduce, the stop decision,
+# a checkpoint's barrier, validation's metric sync), where it waits when the signal arrives.
+CTRL_C_MOMENTS = [
+    ("step", 2, 0, 0.0), ("step", 5, 1, 0.1), ("step", 12, 0, 0.0), ("step", 13, 1, 0.2),
+    ("step_end", 0, 0, 0.0), ("step_end", 7, 1, 0.1), ("step_end", 12, 0, 0.0), ("step_end", 12, 1, 0.35),
+    ("validation", 0, 0, 0.0), ("validation", 1, 1, 0.1), ("validation", 2, 0, 0.2), ("validation", 2, 1, 0),
+    ("checkpoint", 0, 0, 0), ("checkpoint", 0, 1, 0.1), ("checkpoint", 1, 0, 0.0), ("checkpoint", 1, 1, 0.35),
+    ("epoch_end", 0, 0, 0.0), ("epoch_end", 0, 1, 0.1), ("epoch_end", 1, 0, 0.35), ("epoch_end", 1, 1, 0.0),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_twenty_moments_of_a_ddp_fit_stops_every_time(tmp_path, mnist_dir):
+    # One chain of short runs, each resuming the last one's last.ckpt and Ctrl-C'd (SIGINT to the whole
+    # process group, as a terminal sends it) at its own moment; the default progress bar is on.
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    fit = [*stoppable_fit(mnist_dir), "--trainer.max_epochs=1000"]  # never ends by itself
+    step, stops = 0, []
+    for i, (phase, nth, hold_rank, delay) in enumerate(CTRL_C_MOMENTS):
+        marker = tmp_path / f"moment{i}"
+        moment = [
+            "--trainer.callbacks+=tests.pacing.Moment", f"--trainer.callbacks.marker={marker}",
+            f"--trainer.callbacks.phase={phase}", f"--trainer.callbacks.nth={nth}",
+            f"--trainer.callbacks.hold_rank={hold_rank}",
+        ]  # fmt: skip
+        resume = [f"--ckpt_path={last}"] if i else []
+        run = Guarded(mnist_cli(*fit, *moment, *resume), tmp_path, 120)
+        while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        signalled = time.monotonic()
+        os.killpg(run.proc.pid, signal.SIGINT)
+        proc = run.wait()
+        stops.append(time.monotonic() - signalled)
+        where = f"Ctrl-C {i} at {phase} #{nth} (rank {hold_rank} held, +{delay} s)"
+        assert proc.returncode != 0, f"{where}: exit 0\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, f"{where}:\n{proc.stderr[-3000:]}"
+        assert proc.stderr.count("training stopped by a signal") == 1, f"{where}:\n{proc.stderr[-3000:]}"
+        assert stops[-1] < 20, f"{where}: took {stops[-1]:.1f} s to stop"
+        saved = load_checkpoint(last)["global_step"]
+        assert saved >= step, f"{where}: last.ckpt went back from step {step} to {saved}"
+        step = saved
+        time.sleep(0.2)  # the kernel's SIGKILL to a rank whose launcher ended (__main__.end_with_launcher)
+        assert not session_processes(run.proc.pid), f"{where}: a process outlived the run"
+    print(
+        f"{len(stops)} stops, longest {max(stops):.2f} s, mean {sum(stops) / len(stops):.2f} s; step {step}"
+    )

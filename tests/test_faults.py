@@ -1,15 +1,22 @@
 """Interrupted and concurrent runs, for real: `python -m mnist_lit fit` subprocesses and signals."""
 
+import errno
+import io
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mnist_lit.errors import UserError
+from mnist_lit.faults import AtomicCheckpointIO
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import QUICK, cli, last_checkpoint_of_fit, subprocess_env
+from tests.helpers import QUICK, Guarded, cli, last_checkpoint_of_fit, run_guarded, subprocess_env
 
 # 500 training images in batches of 20: 25 steps an epoch, long enough to be interrupted inside one.
 STEPS_PER_EPOCH = 25
@@ -38,9 +45,17 @@ def wait_for(path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, mnist_dir) -> dict:
+def straight_run(tmp_path_factory, mnist_dir) -> Path:
+    """The run folder (version_0) of the same two epochs, run straight through."""
+    folder = tmp_path_factory.mktemp("straight")
+    last_checkpoint_of_fit(folder, *fit_flags(mnist_dir))
+    return folder / "lightning_logs/version_0"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight_run) -> dict:
     """last.ckpt of the same two epochs, run straight through."""
-    return last_checkpoint_of_fit(tmp_path_factory.mktemp("straight"), *fit_flags(mnist_dir))
+    return load_checkpoint(straight_run / "checkpoints/last.ckpt")
 
 
 @pytest.mark.slow
@@ -95,3 +110,139 @@ def test_two_runs_started_together_get_their_own_folders(workdir, mnist_dir):
         line for out, _ in outputs for line in out.splitlines() if line.startswith("Best checkpoint")
     )
     assert [f"/lightning_logs/version_{v}/" in line for v, line in enumerate(printed)] == [True, True]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 900 KB tmpfs: room for epoch 0's two checkpoints (~368 KB each), not for a third file beside them."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}"
+        )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_fit_in_one_line_and_keeps_every_earlier_checkpoint(
+    tmp_path, mnist_dir, small_disk
+):
+    temp = tmp_path / "tmpdir"  # TMPDIR of the run: the checkpoint writer leaves nothing there
+    temp.mkdir()
+    flags = [*fit_flags(mnist_dir, epochs=3), f"--trainer.default_root_dir={small_disk}"]
+    env = {**subprocess_env(), "TMPDIR": str(temp)}
+    proc = run_guarded([sys.executable, "-m", "mnist_lit", *flags], tmp_path, timeout=300, env=env)
+
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    folder = small_disk / "lightning_logs/version_0/checkpoints"
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"no space left in {folder} to write " in errors[0] and " MB): free some space" in errors[0]
+    assert re.search(r"\(about 0\.[34] MB\)", errors[0]), errors[0]
+    checkpoints = sorted(folder.iterdir())
+    assert [p.suffix for p in checkpoints] == [".ckpt", ".ckpt"], checkpoints  # no partial file left
+    for path in checkpoints:  # epoch 0's best and last.ckpt, whole
+        assert load_checkpoint(path)["global_step"] == STEPS_PER_EPOCH, path
+    assert list(temp.iterdir()) == []
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    # What a SIGKILL mid-write leaves: the bytes so far in the temporary file, the name untouched.
+    writer = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    writer.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 1}, target)
+
+    def cut_short(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise KeyboardInterrupt  # no handler of ours runs after a SIGKILL either
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        writer.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, target)
+    monkeypatch.undo()
+    assert load_checkpoint(target)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.partial", "last.ckpt"]
+
+
+def test_a_full_disk_names_the_folder_and_the_size_and_removes_the_partial_file(tmp_path, monkeypatch):
+    writer = AtomicCheckpointIO()
+    checkpoint = {"state_dict": {"w": torch.zeros(100_000)}}
+
+    save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if not isinstance(f, io.BufferedWriter):  # messages.disk_full sizes the checkpoint in memory
+            return save(obj, f, *args, **kwargs)
+        f.write(b"some bytes")
+        try:  # as torch's zip writer reports it: its own error, raised while handling the OSError
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError) as error:
+        writer.save_checkpoint(checkpoint, tmp_path / "run/epoch01.ckpt")
+    monkeypatch.undo()
+    assert str(error.value) == (
+        f"no space left in {tmp_path / 'run'} to write epoch01.ckpt (about 0.4 MB): free some space there; "
+        "the checkpoints already written are kept"
+    )
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def val_acc_points(run: Path) -> list[tuple[int, float]]:
+    """Every (step, value) that a run logged for val/acc, over all of its event files."""
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [(point.step, point.value) for point in events.Scalars("val/acc")]
+
+
+def best_of(checkpoint: dict) -> tuple[str, float]:
+    """The best checkpoint's file name and score, as the val/acc ModelCheckpoint recorded them."""
+    state = next(v for k, v in checkpoint["callbacks"].items() if "val/acc" in k and "ModelCheckpoint" in k)
+    return Path(state["best_model_path"]).name, float(state["best_model_score"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("phase", "nth"),
+    [("validation", 0), ("step_end", STEPS_PER_EPOCH - 1)],
+    ids=["inside-validation", "after-the-last-batch"],
+)
+def test_a_stop_around_an_epochs_validation_resumes_with_the_same_history_and_best(
+    workdir, mnist_dir, straight_run, uninterrupted, phase, nth
+):
+    # Epoch 0 is held inside its validation (after its one batch) or right after its last training
+    # batch; the signal lands there. The resumed run must still have validated epoch 0 and chosen the
+    # best checkpoint from the same scores.
+    marker = workdir / "held"
+    moment = [
+        "--trainer.callbacks+=tests.pacing.Moment", f"--trainer.callbacks.marker={marker}",
+        f"--trainer.callbacks.phase={phase}", f"--trainer.callbacks.nth={nth}",
+        "--trainer.callbacks.hold=1.5", "--trainer.callbacks.ms=0",
+    ]  # fmt: skip
+    run = Guarded([sys.executable, "-m", "mnist_lit", *fit_flags(mnist_dir), *moment], workdir, 300)
+    while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
+        time.sleep(0.01)
+    run.proc.send_signal(signal.SIGINT)
+    proc = run.wait()
+    assert proc.returncode != 0 and "training stopped by a signal at epoch 1" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert STEPS_PER_EPOCH < load_checkpoint(last)["global_step"] < 2 * STEPS_PER_EPOCH
+
+    cli(*fit_flags(mnist_dir), f"--ckpt_path={last}")
+    run_folder = workdir / "lightning_logs/version_0"
+    assert val_acc_points(run_folder) == val_acc_points(straight_run)
+    assert best_of(load_checkpoint(last)) == best_of(uninterrupted)
+    best_name = best_of(uninterrupted)[0]
+    assert sorted(p.name for p in (run_folder / "checkpoints").iterdir()) == sorted([best_name, "last.ckpt"])

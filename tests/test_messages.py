@@ -4,6 +4,7 @@ library (jsonargparse, torch.load, c10d) to messages.py, so a change of their wo
 import datetime
 import pickle
 import socket
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import PositiveFloat
 
 from mnist_lit import messages
+from tests.helpers import Guarded, wait_all
 
 
 def jsonargparse_error(*args: str) -> str:
@@ -72,3 +74,41 @@ def test_ranks_that_never_joined_are_counted():
 def test_other_errors_are_not_taken_for_a_stalled_rank():
     assert messages.stalled_message(RuntimeError("CUDA out of memory")) is None
     assert messages.stalled_message(ValueError("Timed out")) is None
+
+
+RANK = """
+import datetime, os, sys, time
+import torch, torch.distributed as dist
+from mnist_lit import messages
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group(
+    "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    timeout=datetime.timedelta(seconds=30),
+)
+dist.barrier()
+if rank == 1:
+    os._exit(0)  # gone, as after kill -9
+time.sleep(1)
+try:
+    dist.all_reduce(torch.ones(1))
+except RuntimeError as err:
+    err.__notes__ = [messages.KEPT_NOTE + "runs/version_0/checkpoints/last.ckpt"]  # as faults.py adds it
+    print(type(err).__name__)
+    print(messages.stalled_message(err))
+    print(err)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_died_mid_collective_is_named_lost(tmp_path):
+    # Two processes, as DDP's ranks (a process group of their own, apart from this one's state): rank 1
+    # leaves after a barrier, rank 0 meets gloo's own error in its next all_reduce and rewrites it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [Guarded([sys.executable, "-c", RANK, rank, port], tmp_path, timeout=120) for rank in (0, 1)]
+    out = wait_all(ranks)[0].stdout
+    kind, line, *gloo = out.splitlines() or ["", ""]
+    assert kind == "RuntimeError" and "Connection" in "".join(gloo), out
+    assert line.startswith("rank 0 of 2 lost rank 1: it died or was killed"), out
+    assert line.endswith("resume with the same command plus --ckpt_path=runs/version_0/checkpoints/last.ckpt")
