@@ -97,7 +97,7 @@ def subprocess_env() -> dict:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc): torchrun starts its workers in sessions of their own."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -166,7 +166,7 @@ class Guarded:
 
     def abort(self) -> None:
         """SIGABRT to each process of the tree (each Python process prints its stack), then SIGKILL."""
-        pids = [*reversed(_descendants(self.proc.pid)), self.proc.pid]
+        pids = [*reversed(descendants(self.proc.pid)), self.proc.pid]
         for pid in pids:  # one at a time, so that the stacks do not interleave
             _signal_all([pid], signal.SIGABRT)
             time.sleep(1)

@@ -24,8 +24,8 @@ from tests.helpers import (
     CONFIGS,
     QUICK,
     Guarded,
-    _descendants,
     cli,
+    descendants,
     idx_bytes,
     run_guarded,
     session_processes,
@@ -266,7 +266,7 @@ def test_stopped_mid_epoch_under_ddp_saves_a_checkpoint_that_resumes_exactly(
 
 def rank_pid(launcher: int, rank: int) -> int:
     """The pid of DDP rank ``rank`` (>0) that Lightning's launcher ``launcher`` started."""
-    for pid in _descendants(launcher):
+    for pid in descendants(launcher):
         with contextlib.suppress(OSError):
             if f"LOCAL_RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 return pid
