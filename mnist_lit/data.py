@@ -106,6 +106,8 @@ class MNISTDataModule(L.LightningDataModule):
         download: fetch MNIST with torchvision when the files are missing.
         predict_path: an image file or a folder of them (PNG/JPEG, any size, colour or grey, either
             polarity) for ``predict`` to read instead of the test set, made MNIST-style (images.py).
+        max_pixels: largest image (width x height) that ``predict_path`` may hold, read from each file's
+            header before decoding; a larger one is skipped, named.
         on_device: keep the whole dataset, as uint8, on the training device (all of MNIST is 55 MB): on
             a GPU, batches are gathered there and no step copies images from the host.
         max_shift: augment training batches: each image moved by a random whole number of pixels, up to
@@ -125,6 +127,7 @@ class MNISTDataModule(L.LightningDataModule):
         std: PositiveFloat = MNIST_STD,
         download: bool = True,
         predict_path: str | None = None,
+        max_pixels: PositiveInt = 50_000_000,  # images.MAX_PIXELS: every phone camera's photo fits
         on_device: bool = False,
         max_shift: NonNegativeInt = 0,
     ) -> None:
@@ -184,7 +187,7 @@ class MNISTDataModule(L.LightningDataModule):
         if stage == "predict" and self._predicting_files() and self.predict_set is None:
             from mnist_lit.images import load_digits  # only predict on the user's own images needs PIL
 
-            images, self.predict_files = load_digits(Path(self.hparams.predict_path))
+            images, self.predict_files = load_digits(Path(self.hparams.predict_path), self.hparams.max_pixels)
             self.predict_set = DigitTensors(images, torch.full((len(images),), -1))  # -1: no label
         elif stage in ("test", "predict") and self.test_set is None:
             self.test_set = DigitTensors(*self._tensors(train=False))

@@ -27,7 +27,8 @@ BOX = 20  # the digit's bounding box is fitted into BOX x BOX
 # to keep a thin pencil stroke, high enough that JPEG noise and paper texture do not widen the box.
 INK = 64
 # The pixel budget: an image declaring more pixels in its header is refused before anything is decoded.
-# 50 megapixels holds every phone camera's default photo (12-50 MP); serve's --max_pixels changes it.
+# 50 megapixels holds every phone camera's default photo (12-50 MP); serve's --max_pixels and predict's
+# --data.max_pixels (the same number, data.py) change it.
 MAX_PIXELS = 50_000_000
 # Larger images are decoded at a reduced scale (JPEG draft: 1/2, 1/4 or 1/8 inside the decoder) and then
 # box-shrunk to at most this many pixels on the long side: the digit ends as 20x20, so this loses nothing

@@ -355,6 +355,26 @@ def test_predict_writes_names_that_are_not_utf8_to_the_csv_and_the_table(shapes_
         assert name in out
 
 
+def test_predicts_pixel_budget_is_a_flag(shapes_run, monkeypatch, capsys):
+    monkeypatch.chdir(shapes_run)
+    folder = Path("budget")
+    folder.mkdir()
+    draw(7, (90, 120)).save(folder / "small.png")  # 10,800 pixels
+    draw(1, (300, 400)).save(folder / "large.png")  # 120,000 pixels
+    cli(
+        "predict",
+        "--data.predict_path=budget",
+        "--data.max_pixels=50000",
+        "--predictions.output=b.csv",
+        *QUICK[1:],
+    )
+    with open("b.csv") as f:
+        assert [row["file"] for row in csv.DictReader(f)] == ["budget/small.png"]
+    skipped = capsys.readouterr().err
+    assert "skipped budget/large.png: the image is 300x400 pixels" in skipped
+    assert "more than the 0.05 megapixels allowed" in skipped  # the flag's budget, not the default 50
+
+
 def test_the_csv_is_written_whole_or_not_at_all(shapes_run, monkeypatch):
     monkeypatch.chdir(shapes_run)
     folder = Path("three")
