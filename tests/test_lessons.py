@@ -126,3 +126,26 @@ def test_the_api_answers_the_maps_only_when_asked(trained_run):
     expected = ((0.5 + weights / (2 * weights.abs().max())) * 255).round()
     assert torch.tensor(maps["filters"]).float().sub(expected).abs().max() <= 1
     assert all(torch.tensor(block).max() == 255 for block in maps["blocks"])
+
+
+def test_the_lessons_tool_draws_each_question_and_tables_the_results(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    import json
+    import shutil
+    import sys
+
+    from tools import lessons
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_run / "lightning_logs", runs / "seed" / "seed1" / "lightning_logs")
+    result = {"variant": "seed", "seed": 1, "budget": [], "fit_s": 12.3, "test_acc": 0.5}
+    (runs / "results.json").write_text(json.dumps([result]))
+    monkeypatch.setattr(sys, "argv", ["tools.lessons", "--runs", str(runs), "--out", str(tmp_path / "docs")])
+    lessons.main()
+    written = sorted(path.name for path in (tmp_path / "docs").glob("*.png"))
+    assert written == sorted(
+        [f"lessons_{q}.png" for q in lessons.QUESTIONS]
+        + [f"lessons_{p}.png" for p in ("filters", "block1", "block2")]
+    )
+    assert "| seed recipe (Adam 1e-3) | 1 | 50.00% | 50.00% | 50.00%-50.00% | 12 |" in capsys.readouterr().out

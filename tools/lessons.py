@@ -4,8 +4,9 @@
 
 reads what ``python -m benchmarks.lessons --out lessons_runs`` wrote: for each question one PNG,
 ``lessons_<question>.png``, val/acc and train/loss_epoch per epoch of each variant against the seed recipe
-(the mean over the seeds run, each seed's curve faint behind it), and prints the Markdown table of test
-accuracy over the seeds and fit wall time.
+(the mean over the seeds run, each seed's curve faint behind it), ``lessons_filters.png`` and
+``lessons_block{1,2}.png`` (the pictures that the seed recipe's seed-1 ``test`` logged, report.py), and
+prints the Markdown table of test accuracy over the seeds and fit wall time.
 """
 
 import argparse
@@ -16,7 +17,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tools.figures import load_events, per_epoch
+from mnist_lit.report import BLOCK_TAG, FILTERS_TAG
+from tools.figures import load_events, newest_test_run, per_epoch
 
 # question -> (title, the variants compared with the seed recipe)
 QUESTIONS = {
@@ -38,22 +40,19 @@ LABELS = {
 PANELS = (("val/acc", "val/acc"), ("train/loss_epoch", "train/loss (epoch mean)"))
 
 
-def curves(runs: Path, variant: str, tag: str) -> list[tuple[list[int], list[float]]]:
-    """(epochs, values) of ``tag`` for each seed of ``variant`` that ran."""
-    found = []
-    for seed_dir in sorted((runs / variant).glob("seed*")):
-        run = seed_dir / "lightning_logs" / "version_0"
-        if run.is_dir():
-            found.append(per_epoch(load_events(run), tag))
-    return found
+def curves(runs: Path, results: list[dict], variant: str, tag: str) -> list[tuple[list[int], list[float]]]:
+    """(epochs, values) of ``tag`` for each seed of ``variant`` that completed (is in the results)."""
+    seeds = sorted(r["seed"] for r in results if r["variant"] == variant)
+    folders = [runs / variant / f"seed{seed}" / "lightning_logs" / "version_0" for seed in seeds]
+    return [per_epoch(load_events(folder), tag) for folder in folders]
 
 
-def question_figure(runs: Path, title: str, variants: list[str]) -> Figure:
+def question_figure(runs: Path, results: list[dict], title: str, variants: list[str]) -> Figure:
     figure = Figure(figsize=(10, 4))
     for ax, (tag, name) in zip(figure.subplots(1, 2), PANELS, strict=True):
         for index, variant in enumerate(["seed", *variants]):
             color = f"C{index}"
-            per_seed = curves(runs, variant, tag)
+            per_seed = curves(runs, results, variant, tag)
             if not per_seed:
                 continue
             for epochs, values in per_seed:
@@ -71,6 +70,21 @@ def question_figure(runs: Path, title: str, variants: list[str]) -> Figure:
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def write_pictures(runs: Path, out: Path) -> list[Path]:
+    """The filters and feature maps the seed recipe's seed-1 test logged, as the PNGs TensorBoard shows."""
+    test_run = newest_test_run(runs / "seed" / "seed1" / "lightning_logs" / "version_0")
+    if test_run is None:
+        return []
+    events = load_events(test_run)
+    names = {FILTERS_TAG: "filters", BLOCK_TAG.format(block=1): "block1", BLOCK_TAG.format(block=2): "block2"}
+    written = []
+    for tag, name in names.items():
+        path = out / f"lessons_{name}.png"
+        path.write_bytes(events.Images(tag)[-1].encoded_image_string)
+        written.append(path)
+    return written
 
 
 def table(results: list[dict]) -> str:
@@ -97,11 +111,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    results = json.loads((args.runs / "results.json").read_text())
     for question, (title, variants) in QUESTIONS.items():
         path = args.out / f"lessons_{question}.png"
-        question_figure(args.runs, title, variants).savefig(path, dpi=100)
+        question_figure(args.runs, results, title, variants).savefig(path, dpi=100)
         print(f"wrote {path}")
-    print(table(json.loads((args.runs / "results.json").read_text())))
+    for path in write_pictures(args.runs, args.out):
+        print(f"wrote {path}")
+    print(table(results))
 
 
 if __name__ == "__main__":
