@@ -8,8 +8,10 @@ each seed a ``fit`` then a bare ``test`` as a user runs them, one at a time.
 ``limit_val_batches``) when the whole recipe does not fit the time at hand; the test is always all 10,000
 test images.
 
-Every run lives in ``<out>/<variant>/seed<N>/lightning_logs/``; ``<out>/results.json`` collects each run's
-fit wall time and test accuracy, and a rerun skips the runs it holds. Seeds go round all the variants
+A variant is a lesson's name, or several joined by ``+`` (their recipes given in that order, e.g.
+``no_batchnorm+no_normalization``). Every run lives in ``<out>/<variant>/seed<N>/lightning_logs/``;
+``<out>/results.json`` collects each run's fit wall time and test accuracy, and a rerun skips the runs it
+holds. Seeds go round all the variants
 before the next seed, so a stopped set still has every variant. ``python -m tools.lessons`` draws them.
 """
 
@@ -40,7 +42,8 @@ def run(variant: str, seed: int, budget: list[str], data_dir: Path, folder: Path
     folder.mkdir(parents=True, exist_ok=True)
     recipe = ["--config", str(REPO / "configs" / "mnist.yaml")]
     if variant != "seed":
-        recipe += ["--config", str(REPO / "configs" / "lessons" / f"{variant}.yaml")]
+        for lesson in variant.split("+"):
+            recipe += ["--config", str(REPO / "configs" / "lessons" / f"{lesson}.yaml")]
     start = time.perf_counter()
     mnist_lit(
         ["fit", *recipe, f"--seed_everything={seed}", *budget, *QUIET,
@@ -60,9 +63,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training batches per epoch (default: all 550)")
     parser.add_argument("--val_batches", type=int, help="validation batches per epoch (default: all 5)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=Path("lessons_runs"))
     args = parser.parse_args()
+    for variant in args.variants:
+        if not set(variant.split("+")) <= set(VARIANTS):
+            parser.error(f"--variants {variant}: each part must be one of {', '.join(VARIANTS)}")
     budget = [f"--trainer.max_epochs={args.epochs}"]
     if args.steps:
         budget.append(f"--trainer.limit_train_batches={args.steps}")

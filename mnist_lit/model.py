@@ -70,7 +70,7 @@ class MNISTClassifier(L.LightningModule):
     Args:
         net: the network, images (N, 1, 28, 28) -> logits (N, 10); in a recipe ``net: {class_path: ...,
             init_args: {...}}``, which checkpoints record as plain data (a network built in Python is
-            not recorded: its checkpoints then rebuild only a ConvNet).
+            not recorded: test or export of its checkpoints rebuilds a ConvNet, and refuses the weights).
         lr: Adam's learning rate (the peak rate under the one-cycle schedule).
         weight_decay: Adam's L2 penalty.
         lr_schedule: ``constant`` (the seed recipe) or ``onecycle`` (warm up, then anneal to ~0 by the

@@ -25,7 +25,10 @@ QUESTIONS = {
     "batchnorm": ("What BatchNorm does", ["no_batchnorm"]),
     "optimizer": ("Adam or SGD", ["sgd", "sgd_high_lr", "momentum", "momentum_high_lr"]),
     "conv": ("Convolutions or fully connected", ["fully_connected"]),
-    "normalization": ("Normalized inputs or not", ["no_normalization"]),
+    "normalization": (
+        "Normalized inputs or not",
+        ["no_normalization", "no_batchnorm", "no_batchnorm+no_normalization"],
+    ),
 }
 LABELS = {
     "seed": "seed recipe (Adam 1e-3)",
@@ -36,6 +39,7 @@ LABELS = {
     "momentum_high_lr": "SGD momentum 0.9, lr 0.01",
     "fully_connected": "fully connected, 37 hidden",
     "no_normalization": "inputs not normalized",
+    "no_batchnorm+no_normalization": "without BatchNorm, inputs not normalized",
 }
 PANELS = (("val/acc", "val/acc"), ("train/loss_epoch", "train/loss (epoch mean)"))
 
