@@ -1,7 +1,10 @@
 """The LitServe app behind ``serve``: ``POST /predict``, ``GET /health`` (LitServe's), and the page at ``/``.
 
 A request is ``{"image": "<base64 of a PNG or JPEG file>"}``; the answer is ``{"digit": 7,
-"probabilities": [10 floats], "logits": [10 floats]}``. In the HTTP process, ``Body`` reads each
+"probabilities": [10 floats], "logits": [10 floats]}``. With ``"maps": true`` in the request the answer also
+holds what the network computes inside (the page's pictures): ``"maps": {"filters": [16 x 5 x 5],
+"blocks": [[16 x 14 x 14], [32 x 7 x 7]]}``, integers 0-255 (filters: 128 is a zero weight; a block: 255 is
+its largest value for this digit). In the HTTP process, ``Body`` reads each
 request's body (within ``--body_timeout`` seconds and ``--max_body_mb``) and, for ``/predict``, decodes
 the image and makes it MNIST-style (images.py, the same function ``predict --data.predict_path`` uses) in
 a worker thread, so that the event loop goes on answering ``/health`` and other requests meanwhile; FastAPI
@@ -37,6 +40,7 @@ from torchvision.transforms.v2 import functional as TF
 from mnist_lit.export import from_checkpoint
 from mnist_lit.images import MAX_PIXELS as DEFAULT_MAX_PIXELS
 from mnist_lit.images import SIZE, TooManyPixels, mnist_digit
+from mnist_lit.lessons import block_maps, first_filters
 
 EXPECTED = 'send JSON {"image": "<base64 of a PNG or JPEG file>"}'
 # Seconds that in-flight requests get to finish after SIGTERM or SIGINT before the server stops anyway.
@@ -85,6 +89,7 @@ class DigitRequest(BaseModel):
     """The body of ``POST /predict``; it holds the digit the network sees, decoded by ``Body``."""
 
     image: str = Field(description="base64 of a PNG or JPEG file (a data: URL is accepted too)")
+    maps: bool = Field(False, description="also answer the first-layer filters and each block's feature maps")
     _digit: bytes = PrivateAttr(b"")  # the MNIST-style digit's uint8 pixels: small to pass to the worker
 
     @model_validator(mode="after")
@@ -263,39 +268,56 @@ class DigitAPI(ls.LitAPI):
             # Batching is the parallelism here: intra-op threads on tensors this small mostly wait.
             torch.set_num_threads(1)
         self.model = from_checkpoint(self.checkpoint).to(self.device)
+        weights = first_filters(self.model.net)  # fixed once trained: scaled once, 128 = 0
+        self.filters = [] if weights is None else levels(0.5 + weights[:, 0] / (2 * weights.abs().max()))
         print(f"serve: {self.checkpoint.name} loaded on {device}", flush=True)
 
     def authorize(self) -> None:
         """Nothing to check here: ApiKey checks the key (LitServe's own check of LIT_SERVER_API_KEY, which
         this hook replaces, would close /health too and leave /docs open)."""
 
-    def decode_request(self, request: DigitRequest) -> torch.Tensor:
-        return request.digit()
+    def decode_request(self, request: DigitRequest) -> tuple[torch.Tensor, bool]:
+        return request.digit(), request.maps
 
-    def batch(self, digits: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(digits)
+    def batch(self, inputs: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, list[bool]]:
+        digits, maps = zip(*inputs, strict=True)
+        return torch.stack(digits), list(maps)
 
     @torch.inference_mode()
-    def predict(self, digits: torch.Tensor) -> dict | list[dict]:
+    def predict(self, inputs: tuple[torch.Tensor, bool | list[bool]]) -> dict | list[dict]:
+        digits, maps = inputs
         single = digits.dim() == 3  # unbatched: LitServe passes each digit on its own
-        batch = digits[None] if single else digits
+        batch, maps = (digits[None], [maps]) if single else (digits, maps)
         start = time.perf_counter()
         # The same scaling as training's (data.py's normalize); the model holds the mean and std.
-        logits = self.model(TF.to_dtype(batch.to(self.device), torch.float32, scale=True))
+        pixels = TF.to_dtype(batch.to(self.device), torch.float32, scale=True)
+        logits = self.model(pixels)
         probabilities = logits.softmax(dim=1)
         results = [
             {"digit": int(p.argmax()), "probabilities": p.tolist(), "logits": z.tolist()}
             for p, z in zip(probabilities.cpu(), logits.cpu(), strict=True)
         ]
+        for i in (i for i, wanted in enumerate(maps) if wanted):
+            results[i]["maps"] = self.maps_of(pixels[i : i + 1])
         # One line per batch: how requests that arrived together were served (and the tests' evidence).
         print(f"serve: batch of {len(batch)} in {(time.perf_counter() - start) * 1e3:.1f} ms", flush=True)
         return results[0] if single else results
+
+    def maps_of(self, pixels: torch.Tensor) -> dict:
+        """The filters and each block's feature maps for one digit's pixels (1, 1, 28, 28) in [0, 1]."""
+        blocks = block_maps(self.model.net, (pixels - self.model.mean) / self.model.std)
+        return {"filters": self.filters, "blocks": [levels(b[0] / b.max().clamp(min=1e-6)) for b in blocks]}
 
     def unbatch(self, results: list[dict]) -> list[dict]:
         return results
 
     def encode_response(self, result: dict) -> dict:
         return result
+
+
+def levels(values: torch.Tensor) -> list:
+    """Values in [0, 1] as nested lists of integers 0-255: a tenth of the JSON that floats would take."""
+    return (values.clamp(0, 1) * 255).round().to(torch.uint8).tolist()
 
 
 def run_server(

@@ -23,9 +23,9 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
 class PixelsToLogits(nn.Module):
-    """:class:`ConvNet` with training's normalization in front: pixels in [0, 1] -> logits (N, 10)."""
+    """The trained network with training's normalization in front: pixels in [0, 1] -> logits (N, 10)."""
 
-    def __init__(self, net: ConvNet, mean: float, std: float) -> None:
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean))
@@ -35,14 +35,35 @@ class PixelsToLogits(nn.Module):
         return self.net((pixels - self.mean) / self.std)
 
 
+def network(path: Path, spec: dict | None) -> nn.Module:
+    """The network a checkpoint's ``hyper_parameters["net"]`` names ({class_path, init_args}; None: the seed's
+    ConvNet), built fresh; UserError when it names no network class that can be imported here."""
+    if spec is None:
+        return ConvNet()
+    class_path = str(spec.get("class_path"))
+    module, _, name = class_path.rpartition(".")
+    try:
+        net_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        net_class = None
+    if not (isinstance(net_class, type) and issubclass(net_class, nn.Module)):
+        raise UserError(
+            f"{path} was trained with the network {class_path}, which cannot be imported here as a "
+            "torch.nn.Module: install the code that defines it"
+        )
+    return net_class(**spec.get("init_args", {}))
+
+
 def from_checkpoint(path: Path) -> PixelsToLogits:
     """The network and normalization a ``fit`` checkpoint holds, in eval mode (BatchNorm's running stats)."""
     state = load_checkpoint(path)
-    check_checkpoint_fits(state, path, MNISTClassifier(channels_last=False))
+    net = network(path, state.get("hyper_parameters", {}).get("net"))
+    model = MNISTClassifier(channels_last=False)
+    model.net = net  # the checkpoint's network in the LightningModule that saved it: the same keys
+    check_checkpoint_fits(state, path, model)
     # Lightning saves the datamodule's init arguments next to the model's; a checkpoint made without the
     # datamodule was trained on MNIST's own constants, the defaults.
     data = {"mean": MNIST_MEAN, "std": MNIST_STD, **state.get("datamodule_hyper_parameters", {})}
-    net = ConvNet()
     net.load_state_dict(
         {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
     )

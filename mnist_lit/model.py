@@ -63,9 +63,14 @@ class ConvNet(nn.Module):
 
 
 class MNISTClassifier(L.LightningModule):
-    """Trains :class:`ConvNet` with Adam and cross-entropy; accuracy from torchmetrics for every stage.
+    """Trains a network (the seed's :class:`ConvNet` by default) with Adam and cross-entropy; accuracy from
+    torchmetrics for every stage. LightningCLI's ``optimizer:`` setting, where given, replaces Adam and
+    ``lr``, ``weight_decay`` and ``lr_schedule`` (its own ``configure_optimizers``).
 
     Args:
+        net: the network, images (N, 1, 28, 28) -> logits (N, 10); in a recipe ``net: {class_path: ...,
+            init_args: {...}}``, which checkpoints record as plain data (a network built in Python is
+            not recorded: test or export of its checkpoints rebuilds a ConvNet, and refuses the weights).
         lr: Adam's learning rate (the peak rate under the one-cycle schedule).
         weight_decay: Adam's L2 penalty.
         lr_schedule: ``constant`` (the seed recipe) or ``onecycle`` (warm up, then anneal to ~0 by the
@@ -78,6 +83,7 @@ class MNISTClassifier(L.LightningModule):
 
     def __init__(
         self,
+        net: nn.Module | None = None,
         lr: PositiveFloat = 1e-3,
         weight_decay: NonNegativeFloat = 0.0,
         lr_schedule: Literal["constant", "onecycle"] = "constant",
@@ -86,8 +92,12 @@ class MNISTClassifier(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.net = ConvNet()
+        # The seed's hyperparameters stay as they were (no `net: null`); LightningCLI hands over a recipe's
+        # net as its class_path and init_args, which test, export and serve rebuild it from.
+        self.save_hyperparameters(ignore=None if net is not None else "net")
+        if not isinstance(self.hparams.get("net", {}), dict):  # an object: no torch.load(weights_only)
+            self.save_hyperparameters(ignore="net")
+        self.net = ConvNet() if net is None else net
         # One image, as a loader hands it out: the model summary then shows each layer's input and
         # output sizes and the network's FLOPs.
         self.example_input_array = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
@@ -118,9 +128,11 @@ class MNISTClassifier(L.LightningModule):
         return self.net(self._layout(images))
 
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The logits of :meth:`forward` for validation, test and predict: the network with its BatchNorms
-        folded (:meth:`ConvNet.folded`; folding costs well under a millisecond, a batch far more)."""
-        return self.net.folded()(self._layout(images))
+        """The logits of :meth:`forward` for validation, test and predict: a network that has ``folded()``
+        runs with its BatchNorms folded (:meth:`ConvNet.folded`; folding costs well under a millisecond,
+        a batch far more)."""
+        net = self.net.folded() if hasattr(self.net, "folded") else self.net
+        return net(self._layout(images))
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:

@@ -1,6 +1,8 @@
-"""What ``test`` adds to TensorBoard: the confusion matrix, the worst mistakes, per-class accuracy.
+"""What ``test`` adds to TensorBoard: the confusion matrix, the worst mistakes, per-class accuracy, and what
+the network learned: its first-layer filters and, for the first test image, the feature maps of its blocks.
 
-All of it is computed from the logits that ``test_step`` returns, so training never pays for it.
+All of it is computed from the logits that ``test_step`` returns and one extra pass over one image, so
+training never pays for it.
 """
 
 from typing import TYPE_CHECKING
@@ -10,8 +12,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchvision.utils import make_grid
 
 from mnist_lit.distributed import gather_to_rank_zero
+from mnist_lit.lessons import block_maps, first_filters
 from mnist_lit.model import NUM_CLASSES
 
 if TYPE_CHECKING:  # matplotlib is imported when a report is drawn, not by every command
@@ -20,11 +24,18 @@ if TYPE_CHECKING:  # matplotlib is imported when a report is drawn, not by every
 CONFUSION_MATRIX_TAG = "test/confusion_matrix"
 MISTAKES_TAG = "test/mistakes"
 CLASS_ACC_TAG = "test/acc_class/{digit}"
+FILTERS_TAG = "test/filters"
+INPUT_TAG = "test/feature_maps/input"
+BLOCK_TAG = "test/feature_maps/block{block}"
+# Pixels on screen per filter weight and per feature-map value: TensorBoard shows images at their own size.
+FILTER_ZOOM, MAP_ZOOM = 12, 96
 
 
 class TestReport(Callback):
     """Logs, at the end of ``test``, a confusion-matrix image, a grid of the most confidently misclassified
-    test digits (true label, predicted label, its softmax probability) and ``test/acc_class/0..9``.
+    test digits (true label, predicted label, its softmax probability), ``test/acc_class/0..9``, the first
+    convolution's filters and the first test image's feature maps after each block (none of these two for
+    a network without convolutions).
 
     Args:
         mistakes: how many misclassified digits the grid shows, most confident first.
@@ -43,11 +54,14 @@ class TestReport(Callback):
         # The worst mistakes so far, kept on the CPU: images (k, 1, 28, 28), labels, predictions, probability.
         self.worst = (torch.empty(0, 1, 28, 28), *(torch.empty(0, dtype=torch.long) for _ in range(2)))
         self.worst_prob = torch.empty(0)
+        self.first_image = torch.empty(0, 1, 28, 28)  # the feature maps' image: the first of the first batch
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: torch.Tensor, batch, batch_idx, *_
     ) -> None:
         images, labels = batch
+        if batch_idx == 0:
+            self.first_image = images[:1]
         logits = outputs.detach()
         self.confusion.update(logits, labels)
         self.class_acc.update(logits, labels)
@@ -79,10 +93,13 @@ class TestReport(Callback):
         )
         self.worst_prob = prob[keep]
         figures = {CONFUSION_MATRIX_TAG: confusion_figure(confusion), MISTAKES_TAG: self.mistakes_figure()}
-        for tag, figure in figures.items():
-            for logger in loggers:
+        pictures = learned_pictures(pl_module.net, self.first_image)
+        for logger in loggers:
+            for tag, figure in figures.items():
                 # Figure objects, not pyplot: nothing global to close, no display backend needed.
                 logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+            for tag, picture in pictures.items():
+                logger.experiment.add_image(tag, picture, global_step=trainer.global_step)
 
     def mistakes_figure(self) -> "Figure":
         from matplotlib.figure import Figure
@@ -108,6 +125,34 @@ class TestReport(Callback):
         title = f"{len(labels)} most confident mistakes: true→predicted, its probability"
         figure.suptitle(title if len(labels) else "no misclassified test digits", fontsize=11)
         return figure
+
+
+def learned_pictures(net: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the network learned, as (3, H, W) images by tag: the first convolution's kernels (each scaled to
+    its own range: white is its largest weight), the normalized ``image`` (1, 1, 28, 28), and each block's
+    feature maps for it (one scale per block, so a bright map is a channel that fires strongly)."""
+    filters = first_filters(net)
+    maps = block_maps(net, image) if filters is not None and len(image) else []
+    if not maps:
+        return {}
+    pictures = {FILTERS_TAG: grid(filters.float(), FILTER_ZOOM, scale_each=True), INPUT_TAG: grid(image, 4)}
+    for block, block_map in enumerate(maps, start=1):
+        channels = block_map[0].float().unsqueeze(1)  # (C, 1, h, w): one tile per channel
+        zoom = MAP_ZOOM // channels.shape[-1]
+        pictures[BLOCK_TAG.format(block=block)] = grid(channels / channels.max().clamp(min=1e-6), zoom)
+    return pictures
+
+
+def grid(tiles: torch.Tensor, zoom: int, scale_each: bool = False) -> torch.Tensor:
+    """Tiles (N, 1, h, w) as one (3, H, W) image, 8 a row, each pixel ``zoom`` x ``zoom`` on screen."""
+    tiles = tiles.detach().cpu().float()
+    if scale_each:
+        low = tiles.amin(dim=(1, 2, 3), keepdim=True)
+        tiles = (tiles - low) / (tiles.amax(dim=(1, 2, 3), keepdim=True) - low).clamp(min=1e-6)
+    elif tiles.max() > 1 or tiles.min() < 0:  # the normalized input image: its own range
+        tiles = (tiles - tiles.min()) / (tiles.max() - tiles.min()).clamp(min=1e-6)
+    tiles = tiles.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
+    return make_grid(tiles, nrow=8, padding=max(2, zoom // 2), pad_value=1.0)
 
 
 def confusion_figure(confusion: torch.Tensor) -> "Figure":

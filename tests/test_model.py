@@ -1,8 +1,11 @@
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks.bench import NotebookNet
+from mnist_lit.lessons import FullyConnected
 from mnist_lit.model import ConvNet, MNISTClassifier
 
 DEVICES = [
@@ -125,3 +128,27 @@ def test_hyperparameters_are_saved_for_checkpoints():
     model = MNISTClassifier(lr=3e-3, lr_schedule="onecycle")
     assert model.hparams.lr == 3e-3
     assert model.hparams.lr_schedule == "onecycle"
+
+
+def test_the_network_is_an_argument_and_the_seeds_hyperparameters_do_not_change():
+    seed = MNISTClassifier()
+    assert type(seed.net) is ConvNet and "net" not in seed.hparams and "net" not in seed.hparams_initial
+    assert sorted(seed.hparams) == [
+        "channels_last", "compile", "label_smoothing", "lr", "lr_schedule", "weight_decay"
+    ]  # fmt: skip
+    # A network object built in Python is used, but not recorded: a checkpoint must load weights-only.
+    net = FullyConnected(hidden=8)
+    model = MNISTClassifier(net=net, channels_last=False)
+    assert model.net is net and "net" not in model.hparams and "net" not in model.hparams_initial
+    buffer = io.BytesIO()
+    torch.save({"hyper_parameters": dict(model.hparams)}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["hyper_parameters"] == dict(model.hparams)
+
+
+def test_evaluation_runs_a_network_without_folded_as_it_is():
+    torch.manual_seed(0)
+    model = MNISTClassifier(net=FullyConnected()).eval()
+    images, labels = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.test_step([images, labels], 0), model(images), rtol=0, atol=0)

@@ -10,6 +10,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.helpers import cli, error_of, fit_args, synthetic_digits
 
+# The trained run's own normalization (conftest.TRAINED_RUN).
+TRAINED_MEAN, TRAINED_STD = 0.2, 0.4
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -80,6 +83,60 @@ def test_test_logs_confusion_matrix_mistakes_and_per_class_accuracy(fit_and_test
     _, labels = synthetic_digits(200, seed=1)  # the fixture's test set
     counts = np.bincount(labels, minlength=10)
     assert (per_class * counts).sum() / counts.sum() == pytest.approx(test_acc, abs=1e-6)
+
+
+def picture(accumulator: EventAccumulator, tag: str) -> np.ndarray:
+    """An image of the event file as gray levels (H, W), 0-255."""
+    import io
+
+    from PIL import Image
+
+    (image,) = accumulator.Images(tag)
+    return np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("L")).astype(float)
+
+
+def tile(grid: np.ndarray, index: int, side: int, zoom: int, padding: int) -> np.ndarray:
+    """Tile ``index`` of a make_grid picture (8 a row), sampled at the centre of each original pixel."""
+    top = padding + (index // 8) * (side * zoom + padding)
+    left = padding + (index % 8) * (side * zoom + padding)
+    centres = np.arange(side) * zoom + zoom // 2
+    return grid[top + centres[:, None], left + centres[None, :]]
+
+
+def test_test_shows_the_first_layer_filters_and_the_first_test_images_feature_maps(fit_and_test):
+    import torch
+
+    from mnist_lit.lessons import block_maps
+    from mnist_lit.model import MNISTClassifier
+    from mnist_lit.runs import load_checkpoint
+
+    logs, _ = fit_and_test
+    test = events(logs / "version_0" / "test_0")
+    run = logs / "version_0"
+    tested = Path(hparams_row(test)[0]["ckpt_path"]).name
+    model = MNISTClassifier()
+    model.load_state_dict(load_checkpoint(run / "checkpoints" / tested)["state_dict"])
+    model.eval()
+    weights = model.net.features[0].weight.detach()[:, 0].numpy()
+    filters = picture(test, "test/filters")
+    assert filters.shape == (2 * 66 + 6, 8 * 66 + 6)  # 16 tiles of 5x5 weights, 12 px each, 2 rows of 8
+    for index, kernel in enumerate(weights):  # each kernel scaled to its own range: black low, white high
+        expected = (kernel - kernel.min()) / (kernel.max() - kernel.min()) * 255
+        assert np.abs(tile(filters, index, 5, 12, 6) - expected).max() <= 1.5, index
+    # The feature maps are those of the test set's first image, as the network computes them.
+    images, _ = synthetic_digits(200, seed=1)
+    first = (torch.tensor(images[:1, None], dtype=torch.float32) / 255 - TRAINED_MEAN) / TRAINED_STD
+    assert picture(test, "test/feature_maps/input").shape == (28 * 4, 28 * 4)  # one image: no border
+    layouts = {1: (16, 14, 6, 3), 2: (32, 7, 13, 6)}  # channels, side, zoom, padding
+    computed = block_maps(model.net, first)
+    for (block, (channels, side, zoom, padding)), maps in zip(layouts.items(), computed, strict=True):
+        grid = picture(test, f"test/feature_maps/block{block}")
+        rows = channels // 8
+        assert grid.shape == (rows * (side * zoom + padding) + padding, 8 * (side * zoom + padding) + padding)
+        expected = (maps[0] / maps.max() * 255).numpy()
+        shown = np.stack([tile(grid, c, side, zoom, padding) for c in range(channels)])
+        assert np.abs(shown - expected).max() <= 1.5, block
+        assert shown.max() > 250 and shown.std() > 10  # not blank, not flat
 
 
 def test_learning_rate_every_step_and_epoch_time(fit_and_test):

@@ -33,6 +33,18 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
 SEVEN = [[(0.25, 0.22), (0.75, 0.22), (0.62, 0.45), (0.45, 0.82)], [(0.38, 0.52), (0.68, 0.52)]]
 ONE = [[(0.45, 0.28), (0.55, 0.18), (0.55, 0.82)]]
 SHOWN = "document.getElementById('result').dataset.shown === document.getElementById('pad').dataset.version"
+MAPS_SHOWN = SHOWN.replace("'result'", "'maps'")
+# A canvas of tiles (8 a row, 1-pixel gaps) read back as tiles[c][y][x], the gray levels the page drew.
+READ_TILES = """canvas => {
+  const count = Number(canvas.dataset.tiles);
+  if (!count) return [];
+  const side = (canvas.width + 1) / 8 - 1;
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  const at = (c, y, x) =>
+    ((Math.floor(c / 8) * (side + 1) + y) * canvas.width + (c % 8) * (side + 1) + x) * 4;
+  return Array.from({length: count}, (_, c) => Array.from({length: side}, (_, y) =>
+    Array.from({length: side}, (_, x) => data[at(c, y, x)])));
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +99,7 @@ def draw_with_mouse(page, strokes, live_check: bool = False) -> None:
             page.mouse.move(*point)
             if live_check and number == 0 and index == 10:
                 page.wait_for_function("Number(document.getElementById('result').dataset.shown) > 1")
+                page.wait_for_function("Number(document.getElementById('maps').dataset.shown) > 1")
         page.mouse.up()
 
 
@@ -123,6 +136,22 @@ def served_answer(page, server, headers: dict | None = None) -> dict:
     return response.json()
 
 
+def check_maps_match_predict(page, server) -> dict:
+    """The page's pictures of the network's inside are /predict's maps for the drawing as it is now."""
+    page.wait_for_function(MAPS_SHOWN)
+    shown = {name: page.locator(f"#{name}").evaluate(READ_TILES) for name in ("filters", "block1", "block2")}
+    png = page.locator("#pad").evaluate("canvas => canvas.toDataURL('image/png')").split(",", 1)[1]
+    response = requests.post(f"{server.url}/predict", json={"image": png, "maps": True}, timeout=120)
+    assert response.status_code == 200, response.text
+    maps = response.json()["maps"]
+    assert shown == {"filters": maps["filters"], "block1": maps["blocks"][0], "block2": maps["blocks"][1]}
+    sizes = [(len(tiles), len(tiles[0]), len(tiles[0][0])) for tiles in shown.values()]
+    assert sizes == [(16, 5, 5), (16, 14, 14), (32, 7, 7)]
+    # Drawn large enough to see: the pictures fill their card's width.
+    assert page.locator("#block2").bounding_box()["width"] > 250
+    return shown
+
+
 def check_page_matches_predict(page, server, headers: dict | None = None) -> dict:
     shown, served = shown_answer(page), served_answer(page, server, headers)
     assert shown["digit"] == served["digit"] and shown["top"] == [served["digit"]]
@@ -139,21 +168,26 @@ def test_draw_with_the_mouse_and_the_page_shows_what_predict_says(browser, serve
     page.goto(server.url)
     assert page.locator("#digit").inner_text() == "?"
 
-    draw_with_mouse(page, SEVEN, live_check=True)  # the bars move while the first stroke is drawn
+    draw_with_mouse(page, SEVEN, live_check=True)  # the bars and maps move while the first stroke is drawn
     shown = check_page_matches_predict(page, server)
     if REAL:
         assert shown["digit"] == 7
     assert page.locator("#confidence").inner_text().endswith("sure")
+    seven_maps = check_maps_match_predict(page, server)
     image = page.screenshot(path=str(SCREENSHOT) if os.environ.get("UPDATE_DOCS") else None)
     assert image.startswith(b"\x89PNG")
 
     page.click("#clear")
     assert page.locator("#digit").inner_text() == "?"
     assert page.locator("#bars .fill").evaluate_all("fills => fills.map(f => f.style.width)") == ["0%"] * 10
+    assert page.locator("#block1").get_attribute("data-tiles") == "0"  # cleared with the drawing
     draw_with_mouse(page, ONE)
     shown = check_page_matches_predict(page, server)
     if REAL:
         assert shown["digit"] == 1
+    one_maps = check_maps_match_predict(page, server)
+    assert one_maps["filters"] == seven_maps["filters"]  # the network's, whatever is drawn
+    assert one_maps["block1"] != seven_maps["block1"] and one_maps["block2"] != seven_maps["block2"]
     page.close()
 
 
