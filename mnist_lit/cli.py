@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -137,6 +138,19 @@ class MNISTCLI(LightningCLI):
 
             if log_into_run(settings, checkpoint, self.command) == "resumed":
                 self.save_config_kwargs["overwrite"] = True  # the run's config.yaml: how it ended
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # Lightning's default progress bar, without v_num (tracking.ProgressBar), where Lightning would
+        # add its own; given here, not in YAML, so that a run's config.yaml never names it.
+        trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        callbacks = list(trainer.callbacks or [])
+        if trainer.enable_progress_bar is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            from mnist_lit.tracking import ProgressBar as WithoutVersion
+
+            kwargs["callbacks"] = [*callbacks, WithoutVersion()]
+        return super().instantiate_trainer(**kwargs)
 
     def _check_checkpoint(self) -> None:
         if self.checkpoint is not None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.table import Table
@@ -82,6 +82,17 @@ class HparamsRow(Callback):
 def _hparam_value(value: object) -> bool | int | float | str:
     """The hparams plugin takes numbers, booleans and strings; anything else is shown as its text."""
     return value if isinstance(value, bool | int | float | str) else str(value)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's default progress bar without ``v_num``: the run's number, which the bar's number format
+    shows as ``0.000``, is in its folder's name already. The CLI adds it unless a progress bar is given or
+    turned off (``--trainer.enable_progress_bar false``)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class EpochTimer(Callback):

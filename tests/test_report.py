@@ -148,6 +148,13 @@ def test_learning_rate_every_step_and_epoch_time(fit_and_test):
     assert len(epoch_times) == 2 and all(t > 0 for t in epoch_times)
 
 
+def test_a_progress_bar_of_the_users_own_is_the_only_one(workdir, mnist_dir, capsys):
+    quiet_args = fit_args(mnist_dir, "--trainer.limit_train_batches=2")
+    with_bar = [arg for arg in quiet_args if arg != "--trainer.enable_progress_bar=false"]
+    cli(*with_bar, "--trainer.callbacks+=TQDMProgressBar")  # Lightning refuses two bars: this one, alone
+    assert "━" not in capsys.readouterr().out
+
+
 def test_a_run_without_logger_is_refused_in_one_line(workdir, mnist_dir):
     # Lightning's LearningRateMonitor, as it is, needs a logger: its own words, as one line.
     message = error_of(*fit_args(mnist_dir, "--trainer.logger=false", "--trainer.limit_train_batches=1"))
@@ -162,6 +169,8 @@ def test_rich_progress_bar_and_fit_summary(workdir, mnist_dir, capsys):
     # Rich's bar: epoch, step of the epoch, the loss and val/acc.
     assert "Epoch 0/0" in out and "━" in out and "2/2" in out
     assert "train/loss_step" in out and "val/acc" in out
+    assert "v_num" not in out  # the run's number is its folder's; the bar showed it as 0.000
+    assert "ProgressBar" not in (workdir / "lightning_logs/version_0/config.yaml").read_text()
     assert "fit summary" in out and "val/acc_best" in out and "time/epoch_s" in out
 
     cli(*quiet_args)  # quiet mode: no bar, still the summary
