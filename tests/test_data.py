@@ -86,6 +86,7 @@ def test_failed_download_is_one_clear_line(tmp_path):
     assert len(error_lines) == 1
     assert "the download failed" in error_lines[0]
     assert str(tmp_path / "data" / "MNIST" / "raw") in error_lines[0]
+    assert not error_lines[0].endswith(":)"), error_lines[0]  # torchvision's "Error downloading X:", no colon
     # A failed command leaves nothing behind: no empty data folder, no run folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
 
