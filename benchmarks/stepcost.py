@@ -9,6 +9,9 @@
 - ``network, eager``: forward, cross-entropy, backward and Adam, on batches already on the device;
 - ``network, one CUDA graph`` (GPU only): the same step captured whole and replayed, so no per-op host
   work is left: about what the device itself needs;
+- the same eager step with one choice made otherwise (NCHW activations, bf16 autocast, one CPU thread
+  instead of all): what each choice is worth on the machine at hand;
+- ``augmentation``: the accuracy recipe's random rotation, scale and shift of one batch;
 - ``Lightning loop, empty step``: ``Trainer.fit`` over batches already on the device with a training
   step that does almost nothing: Lightning's fixed price per step on this host;
 - ``Lightning + network``: the eager step inside that loop; ``Lightning + MNISTClassifier``: mnist_lit's
@@ -104,9 +107,25 @@ def loader_ms(dm: MNISTDataModule, steps: int, device: torch.device) -> float:
     return per_step_ms(step, steps, device)
 
 
-def network_ms(batches: Iterator, steps: int, device: torch.device, graph: bool) -> float:
-    """The seed step (channels_last net, cross-entropy, fused Adam), eager or as one CUDA graph."""
-    model = MNISTClassifier().to(device)
+def network_ms(
+    batches: Iterator,
+    steps: int,
+    device: torch.device,
+    graph: bool,
+    channels_last: bool = True,
+    bf16: bool = False,
+    threads: int | None = None,
+) -> float:
+    """The seed step (channels_last net, cross-entropy, fused Adam), eager or as one CUDA graph; or with
+    one of the choices a machine may want otherwise: NCHW, bf16 autocast, fewer CPU threads."""
+    if threads is not None:
+        all_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return network_ms(batches, steps, device, graph, channels_last, bf16)
+        finally:
+            torch.set_num_threads(all_threads)
+    model = MNISTClassifier(channels_last=channels_last).to(device)
     # capturable: Adam's step count stays on the GPU, so the graph can advance it on replay.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=graph)
     images, labels = (t.clone() for t in next(batches))  # fixed inputs: a CUDA graph reads these
@@ -118,7 +137,8 @@ def network_ms(batches: Iterator, steps: int, device: torch.device, graph: bool)
 
     def eager() -> None:
         next_batch()
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -142,6 +162,20 @@ def network_ms(batches: Iterator, steps: int, device: torch.device, graph: bool)
         whole_step.replay()
 
     return per_step_ms(replay, steps, device)
+
+
+def augmentation_ms(dm: MNISTDataModule, steps: int, device: torch.device) -> float:
+    """configs/best.yaml's augmentation of one uint8 batch (rotation, scale, shift), on the device."""
+    from mnist_lit import augment
+
+    images = dm.train_set.images[:BATCH].to(device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        warped = augment.randomly_warped(images.float() / 255, 10.0, 0.1, generator)
+        augment.shifted(warped, 2, generator)
+
+    return per_step_ms(step, steps, device)
 
 
 def lightning_ms(module: L.LightningModule, batches: list, steps: int, accelerator: str) -> float:
@@ -185,6 +219,19 @@ def main(argv: list[str] | None = None) -> None:
         "network, eager": network_ms(itertools.cycle(batches), args.steps, device, graph=False),
         "network, one CUDA graph": gpu
         and network_ms(itertools.cycle(batches), args.steps, device, graph=True),
+        "network, eager, NCHW instead of channels_last": network_ms(
+            itertools.cycle(batches), args.steps, device, graph=False, channels_last=False
+        ),
+        "network, eager, bf16 autocast": network_ms(
+            itertools.cycle(batches), args.steps, device, graph=False, bf16=True
+        ),
+        "network, eager, NCHW, bf16 autocast": network_ms(
+            itertools.cycle(batches), args.steps, device, graph=False, channels_last=False, bf16=True
+        ),
+        "network, eager, 1 CPU thread": not gpu
+        and torch.get_num_threads() > 1
+        and network_ms(itertools.cycle(batches), args.steps, device, graph=False, threads=1),
+        "augmentation (configs/best.yaml)": augmentation_ms(dm, args.steps, device),
         "Lightning loop, empty step": lightning_ms(EmptyStep(), batches, args.steps, args.accelerator),
         "Lightning + network": lightning_ms(BareNetwork(), batches, args.steps, args.accelerator),
         "Lightning + MNISTClassifier": lightning_ms(MNISTClassifier(), batches, args.steps, args.accelerator),

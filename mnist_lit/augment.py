@@ -1,10 +1,50 @@
-"""Training-time augmentation, done on the device for a whole batch at once (``--data.max_shift``).
+"""Training-time augmentation, done on the device for a whole batch at once (``--data.max_rotation``,
+``--data.max_scale``, ``--data.max_shift``).
 
 The data module applies it to training batches only, with a generator seeded by the run's seed and the
 global step, so a resumed run augments exactly as the uninterrupted one.
 """
 
 import torch
+import torch.nn.functional as F
+
+
+def augmented(
+    images: torch.Tensor, seed: int, max_rotation: float, max_scale: float, max_shift: int
+) -> torch.Tensor:
+    """A uint8 batch (N, 1, H, W) rotated and scaled (:func:`randomly_warped`, then float in [0, 1]) and
+    shifted (:func:`shifted`) as the data module's ``max_*`` settings say, each draw from ``seed``."""
+    generator = torch.Generator(images.device).manual_seed(seed)
+    if max_rotation or max_scale:
+        images = randomly_warped(images.float() / 255, max_rotation, max_scale, generator)
+    if max_shift:
+        images = shifted(images, max_shift, generator)
+    return images
+
+
+def warp(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each image of a float batch (N, 1, H, W) rotated about its centre by its own angle (degrees,
+    clockwise as the image is shown, rows going down) and scaled by its own factor (above 1: larger),
+    resampled bilinearly in one ``grid_sample`` call; what moves in is 0 (MNIST's background before
+    normalization)."""
+    radians = torch.deg2rad(degrees)
+    cos, sin = torch.cos(radians) / scales, torch.sin(radians) / scales
+    zero = torch.zeros_like(cos)
+    # affine_grid maps each output pixel to where it samples the input, in [-1, 1] coordinates: the
+    # inverse of the rotation and scaling.
+    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def randomly_warped(
+    images: torch.Tensor, max_rotation: float, max_scale: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """:func:`warp` with an angle uniform in ±``max_rotation`` degrees and a factor uniform in
+    1 ± ``max_scale`` drawn for each image."""
+    n = len(images)
+    uniform = torch.rand(2, n, device=images.device, generator=generator) * 2 - 1  # in [-1, 1)
+    return warp(images, uniform[0] * max_rotation, 1 + uniform[1] * max_scale)
 
 
 def shifted(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

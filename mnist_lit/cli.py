@@ -107,20 +107,21 @@ class MNISTCLI(LightningCLI):
 
             self.checkpoint = load_checkpoint(path)
 
-    def _section(self):
-        """The parsed config of the command being run (tune's fits have no subcommand level)."""
-        command = self.config.get("subcommand")
-        return self.config[command] if command else self.config
+    def _section(self, config):
+        """The part of ``config`` (parsed, or instantiated) for the command being run (tune's fits have no
+        subcommand level)."""
+        command = config.get("subcommand")
+        return config[command] if command else config
 
     def _checkpoint_file(self) -> Path | None:
         """The local file --ckpt_path names, if it names one (not "last", "best", a URL...)."""
-        path = self._section().get("ckpt_path")
+        path = self._section(self.config).get("ckpt_path")
         if path is None or str(path).startswith(SPECIAL_CHECKPOINTS) or "://" in str(path):
             return None
         return Path(path)
 
     def before_instantiate_classes(self) -> None:
-        config = self._section()
+        config = self._section(self.config)
         if config.bf16_where_native and config.trainer.precision is None:  # recorded in config.yaml too
             from mnist_lit.precision import precision_for
 
@@ -142,7 +143,7 @@ class MNISTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         # Lightning's default progress bar, without v_num (tracking.ProgressBar), where Lightning would
         # add its own; given here, not in YAML, so that a run's config.yaml never names it.
-        trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        trainer = self._section(self.config_init).trainer
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_progress_bar is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, default_convert
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -112,7 +118,11 @@ class MNISTDataModule(L.LightningDataModule):
             a GPU, batches are gathered there and no step copies images from the host.
         max_shift: augment training batches: each image moved by a random whole number of pixels, up to
             this many in each direction, on the device; 0, the seed's choice, trains on the images as
-            they are. Validation, test and predict never shift.
+            they are. Validation, test and predict never augment.
+        max_rotation: augment training batches: each image rotated by a random angle of up to this many
+            degrees either way (bilinear resampling, on the device, before any shift); 0: none.
+        max_scale: augment training batches: each image scaled by a random factor within 1 ± this
+            (e.g. 0.1: 90% to 110%), with the rotation; 0: none.
     """
 
     def __init__(
@@ -130,6 +140,8 @@ class MNISTDataModule(L.LightningDataModule):
         max_pixels: PositiveInt = 50_000_000,  # images.MAX_PIXELS: every phone camera's photo fits
         on_device: bool = False,
         max_shift: NonNegativeInt = 0,
+        max_rotation: NonNegativeFloat = 0.0,
+        max_scale: ClosedUnitInterval = 0.0,
     ) -> None:
         super().__init__()
         if on_device and num_workers > 0:
@@ -235,8 +247,7 @@ class MNISTDataModule(L.LightningDataModule):
 
     def _predicting_files(self) -> bool:
         # predict_path only means anything to `predict`; fit/test with it set still use MNIST.
-        trainer = self.trainer
-        return self.hparams.predict_path is not None and (trainer is None or trainer.predicting)
+        return self.hparams.predict_path is not None and (self.trainer is None or self.trainer.predicting)
 
     def on_after_batch_transfer(
         self, batch: list[torch.Tensor] | torch.Tensor, dataloader_idx: int
@@ -244,17 +255,17 @@ class MNISTDataModule(L.LightningDataModule):
         if isinstance(batch, torch.Tensor):  # images alone: the model summary's example input
             return self.normalize(batch)
         images, labels = batch
-        shift = self.hparams.max_shift
-        if shift and self.trainer is not None and self.trainer.training:
-            # Offsets drawn from the seed and the step alone: a resumed run shifts as the uninterrupted one.
-            from mnist_lit.augment import shifted  # only recipes that augment need it
+        augmentation = {key: self.hparams[key] for key in ("max_rotation", "max_scale", "max_shift")}
+        if any(augmentation.values()) and self.trainer is not None and self.trainer.training:
+            from mnist_lit.augment import augmented  # only recipes that augment need it
 
+            # Drawn from the seed and the step alone: a resumed run augments as the uninterrupted one.
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) * 1_000_003 + self.trainer.global_step
-            images = shifted(images, shift, torch.Generator(images.device).manual_seed(seed))
+            images = augmented(images, seed, **augmentation)
         return [self.normalize(images), labels]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels in [0, 255] -> float32, scaled to [0, 1], then standardized."""
+        """uint8 pixels in [0, 255] (or float32 already in [0, 1]) -> float32 in [0, 1], then standardized."""
         images = TF.to_dtype(images, torch.float32, scale=True)
         mean, std = self._stats_on(images.device)
         return TF.normalize(images, mean=mean, std=std)

@@ -35,6 +35,10 @@ class PixelsToLogits(nn.Module):
         return self.net((pixels - self.mean) / self.std)
 
 
+# Where the networks a checkpoint may name are defined (the seed's, the lessons', torch's own layers).
+TRUSTED_NETWORK_MODULES = ("mnist_lit.", "torch.nn.")
+
+
 def network(path: Path, spec: dict | None) -> nn.Module:
     """The network a checkpoint's ``hyper_parameters["net"]`` names ({class_path, init_args}; None: the seed's
     ConvNet), built fresh; UserError when it names no network class that can be imported here."""
@@ -42,6 +46,12 @@ def network(path: Path, spec: dict | None) -> nn.Module:
         return ConvNet()
     class_path = str(spec.get("class_path"))
     module, _, name = class_path.rpartition(".")
+    if not module.startswith(TRUSTED_NETWORK_MODULES):
+        # A checkpoint is data: it must not choose which code is imported and run here.
+        raise UserError(
+            f"{path} names the network {class_path}: only networks defined in "
+            f"{' or '.join(m.rstrip('.') for m in TRUSTED_NETWORK_MODULES)} are rebuilt from a checkpoint"
+        )
     try:
         net_class = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):

@@ -74,3 +74,20 @@ def test_startup_reports_each_fixed_cost(tmp_path, mnist_dir):
     for figure in ("--help / floor", "bare test: wall - floor", "fit: wall - epochs"):
         assert any(line.startswith(f"| {figure} |") for line in lines), figure
     assert not (tmp_path / "lightning_logs").exists()  # the runs stay in the benchmark's scratch folder
+
+
+def test_summary_pairs_each_seed_with_its_rounds_plain_loop_and_shows_each_seeds_accuracy():
+    from benchmarks.bench import summarize, table
+
+    def result(round_: int, seed: int, epoch_s: float, acc: float) -> dict:
+        return {"round": round_, "seed": seed, "epochs": [epoch_s, epoch_s], "train": [epoch_s] * 2,
+                "steps": [10, 10], "fit_s": 2 * epoch_s, "acc": acc, "peak_rss_mb": 1.0}  # fmt: skip
+
+    plain = [result(0, 1, 10.0, 0.99), result(1, 1, 20.0, 0.99)]  # the machine twice as slow in round 2
+    recipe = [result(0, 1, 5.0, 0.991), result(0, 2, 5.0, 0.993), result(1, 1, 10.0, 0.991),
+              result(1, 2, 10.0, 0.993)]  # fmt: skip
+    row = summarize("best", recipe, plain)
+    assert row["epoch_s_vs_plain"] == pytest.approx(0.5)  # each run against its own round's plain loop
+    assert row["rounds"] == 2 and row["seeds"] == [1, 2]
+    assert row["test_acc_by_seed"] == [0.991, 0.993] and row["test_acc_mean"] == pytest.approx(0.992)
+    assert "seed 1: 99.10%, seed 2: 99.30%; mean 99.20%" in table([row], "a CPU")

@@ -97,7 +97,11 @@ def test_same_seed_gives_the_same_weights(workdir, mnist_dir):
         assert torch.equal(value, second["state_dict"][key]), key
 
 
-@pytest.mark.parametrize("recipe", [[], ["--data.max_shift=2"]], ids=["seed", "shifted"])
+@pytest.mark.parametrize(
+    "recipe",
+    [[], ["--data.max_shift=2"], ["--data.max_rotation=12", "--data.max_scale=0.1", "--data.max_shift=2"]],
+    ids=["seed", "shifted", "warped"],
+)
 def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist_dir, recipe):
     cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2"))  # version_0: uninterrupted
     cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=1"))  # version_1: stops after one epoch
@@ -198,7 +202,7 @@ def test_print_config_shows_the_recipe(capsys):
     assert config["trainer"]["max_epochs"] == 10
 
 
-@pytest.mark.parametrize("recipe", ["mnist.yaml", "fast.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("recipe", ["mnist.yaml", "fast.yaml", "gpu.yaml", "best.yaml"])
 def test_each_recipe_trains_with_its_own_settings(workdir, mnist_dir, recipe):
     config_file = CONFIGS / recipe
     config = yaml.safe_load(config_file.read_text())
@@ -211,6 +215,8 @@ def test_each_recipe_trains_with_its_own_settings(workdir, mnist_dir, recipe):
     assert saved["model"]["lr_schedule"] == config["model"]["lr_schedule"]
     assert saved["data"]["batch_size"] == config["data"]["batch_size"]
     assert saved["data"]["on_device"] == config["data"].get("on_device", False)
+    for augmentation in ("max_shift", "max_rotation", "max_scale"):
+        assert saved["data"][augmentation] == config["data"].get(augmentation, 0), augmentation
     # fast.yaml leaves the precision to the hardware (precision.py); the run records what it chose.
     chosen = precision_for(saved["trainer"]["accelerator"])[0] if config.get("bf16_where_native") else None
     assert saved["trainer"]["precision"] == config["trainer"].get("precision", chosen)

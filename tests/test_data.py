@@ -6,7 +6,6 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from mnist_lit.augment import shifted
 from mnist_lit.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 from mnist_lit.errors import UserError
 from tests.helpers import QUICK, cli, fit_args, last_checkpoint_of_fit, subprocess_env, synthetic_digits
@@ -131,25 +130,11 @@ def test_evaluation_batches_are_their_own_size_and_change_no_result(workdir, mni
     assert summaries[0] == summaries[1] and len(summaries[0]) == 1
 
 
-def test_shifted_moves_each_image_by_whole_pixels_within_max_shift():
-    images = torch.randint(1, 256, (64, 1, 28, 28), dtype=torch.uint8)  # no 0s: the padding is told apart
-    moved = shifted(images, 2, torch.Generator().manual_seed(0))
-    assert moved.shape == images.shape and moved.dtype == torch.uint8
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    offsets = set()
-    for i in range(len(images)):
-        matches = [
-            (dy, dx) for dy in range(5) for dx in range(5)
-            if torch.equal(padded[i, 0, dy : dy + 28, dx : dx + 28], moved[i, 0])
-        ]  # fmt: skip
-        assert len(matches) == 1, i  # exactly one window of the padded image: a whole-pixel move
-        offsets.update(matches)
-    assert len(offsets) > 5  # each image its own offset
-    assert torch.equal(shifted(images, 0), images)
-
-
-def test_only_training_batches_are_shifted(mnist_dir):
-    dm = make(mnist_dir, max_shift=3)
+@pytest.mark.parametrize(
+    "augmentation", [{"max_shift": 3}, {"max_rotation": 10.0, "max_scale": 0.1}], ids=["shift", "warp"]
+)
+def test_only_training_batches_are_augmented(mnist_dir, augmentation):
+    dm = make(mnist_dir, **augmentation)
     dm.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     images = torch.randint(1, 256, (16, 1, 28, 28), dtype=torch.uint8)
     labels = torch.zeros(16, dtype=torch.long)

@@ -3,6 +3,7 @@ torchrun "nodes" on this machine. Every run is guarded: one that hangs fails wit
 """
 
 import ast
+import concurrent.futures
 import contextlib
 import csv
 import math
@@ -310,24 +311,26 @@ CTRL_C_MOMENTS = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow
-def test_ctrl_c_at_twenty_moments_of_a_ddp_fit_stops_every_time(tmp_path, mnist_dir):
-    # One chain of short runs, each resuming the last one's last.ckpt and Ctrl-C'd (SIGINT to the whole
-    # process group, as a terminal sends it) at its own moment; the default progress bar is on.
-    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+def ctrl_c_chain(folder: Path, mnist_dir: Path, moments: list[tuple], first: int) -> str:
+    """One chain of short runs in ``folder``, each resuming the last one's last.ckpt and Ctrl-C'd (SIGINT
+    to the whole process group, as a terminal sends it) at its own moment; the default progress bar is
+    on. Returns a summary of the stops."""
+    last = folder / "lightning_logs/version_0/checkpoints/last.ckpt"
     fit = [*stoppable_fit(mnist_dir), "--trainer.max_epochs=1000"]  # never ends by itself
-    step, stops = 0, []
-    for i, (phase, nth, hold_rank, delay) in enumerate(CTRL_C_MOMENTS):
-        marker = tmp_path / f"moment{i}"
+    step, stops, reached = 0, [], []
+    for i, (phase, nth, hold_rank, delay) in enumerate(moments, start=first):
+        marker = folder / f"moment{i}"
         moment = [
             "--trainer.callbacks+=tests.pacing.Moment", f"--trainer.callbacks.marker={marker}",
             f"--trainer.callbacks.phase={phase}", f"--trainer.callbacks.nth={nth}",
             f"--trainer.callbacks.hold_rank={hold_rank}",
         ]  # fmt: skip
-        resume = [f"--ckpt_path={last}"] if i else []
-        run = Guarded(mnist_cli(*fit, *moment, *resume), tmp_path, 120)
+        resume = [f"--ckpt_path={last}"] if i > first else []
+        launched = time.monotonic()
+        run = Guarded(mnist_cli(*fit, *moment, *resume), folder, 120)
         while not marker.exists() and run.proc.poll() is None and time.monotonic() < run.deadline:
             time.sleep(0.01)
+        reached.append(time.monotonic() - launched)
         time.sleep(delay)
         signalled = time.monotonic()
         os.killpg(run.proc.pid, signal.SIGINT)
@@ -343,6 +346,23 @@ def test_ctrl_c_at_twenty_moments_of_a_ddp_fit_stops_every_time(tmp_path, mnist_
         step = saved
         time.sleep(0.2)  # the kernel's SIGKILL to a rank whose launcher ended (__main__.end_with_launcher)
         assert not session_processes(run.proc.pid), f"{where}: a process outlived the run"
-    print(
-        f"{len(stops)} stops, longest {max(stops):.2f} s, mean {sum(stops) / len(stops):.2f} s; step {step}"
+    return (
+        f"moments {first}-{first + len(moments) - 1}: {len(stops)} stops, longest {max(stops):.2f} s, "
+        f"mean {sum(stops) / len(stops):.2f} s; step {step}; seconds from launch to each moment: "
+        + ", ".join(f"{t:.1f}" for t in reached)
     )
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_twenty_moments_of_a_ddp_fit_stops_every_time(tmp_path, mnist_dir):
+    # Two chains of ten side by side, each in its own folder: a run spends most of its time starting its
+    # two ranks one after the other (one core each), so two chains take little longer than one.
+    assert len(set(CTRL_C_MOMENTS)) == 20  # twenty different moments in all
+    halves = [(tmp_path / "first", CTRL_C_MOMENTS[:10], 0), (tmp_path / "second", CTRL_C_MOMENTS[10:], 10)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        chains = []
+        for folder, moments, first in halves:
+            folder.mkdir()
+            chains.append(pool.submit(ctrl_c_chain, folder, mnist_dir, moments, first))
+        for chain in chains:
+            print(chain.result())  # a chain's failed assertion is raised here

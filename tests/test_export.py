@@ -10,7 +10,7 @@ import torch
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import load_checkpoint, newest_run
-from tests.helpers import REAL_DATA, cli
+from tests.helpers import REAL_DATA, cli, error_of
 
 
 @pytest.fixture
@@ -98,3 +98,21 @@ def test_export_flags_are_checked_in_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("mnist_lit: error: --format:") and err.count("\n") == 1
+
+
+def test_a_checkpoint_naming_a_network_from_elsewhere_is_refused_unimported(trained, monkeypatch):
+    # A checkpoint is data: the network it names is rebuilt only from mnist_lit's and torch.nn's classes.
+    monkeypatch.chdir(trained)
+    planted = trained / "planted_net.py"
+    planted.write_text(
+        "import pathlib\npathlib.Path('imported').write_text('ran')\nimport torch\nNet = torch.nn.Linear\n"
+    )
+    monkeypatch.syspath_prepend(str(trained))
+    last = trained / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    state["hyper_parameters"]["net"] = {"class_path": "planted_net.Net", "init_args": {}}
+    torch.save(state, trained / "planted.ckpt")
+    message = error_of("export", "--ckpt_path=planted.ckpt")
+    assert "planted.ckpt names the network planted_net.Net" in message
+    assert "mnist_lit or torch.nn" in message
+    assert not (trained / "imported").exists() and not (trained / "model.onnx").exists()

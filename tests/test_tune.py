@@ -21,7 +21,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import Guarded, cli, error_of, free_port, run_guarded, wait_all
+from tests.helpers import CONFIGS, Guarded, cli, error_of, free_port, run_guarded, wait_all
 
 # 500 training images in batches of 50, half of them a trial (the search's budget flag): 5 steps an epoch.
 TRIAL_FLAGS = [
@@ -407,3 +407,22 @@ def test_a_journal_file_holds_the_study(workdir, mnist_dir):
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend("study.log"))
     assert [t.state.name for t in trials_of(storage)] == ["COMPLETE", "COMPLETE"], output
     assert (workdir / "tune/search/best.yaml").is_file()
+
+
+@pytest.mark.parametrize("search_file", sorted(p.name for p in CONFIGS.glob("*search.yaml")))
+def test_each_shipped_search_file_is_a_valid_space(search_file):
+    from mnist_lit.tune import distribution, load_search, optuna_object
+
+    path = str(CONFIGS / search_file)
+    search = load_search(path)
+    space = {name: distribution(name, spec, path) for name, spec in search["params"].items()}
+    optuna_object(search.get("sampler"), "sampler", optuna.samplers.BaseSampler, path)
+    optuna_object(search.get("pruner"), "pruner", optuna.pruners.BasePruner, path)
+    for trial in search.get("enqueue", []):  # each queued trial gives every searched setting a value in range
+        assert set(trial) == set(space), trial
+        for name, value in trial.items():
+            dist = space[name]
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                assert value in dist.choices, (name, value)
+            else:
+                assert dist.low <= value <= dist.high, (name, value)

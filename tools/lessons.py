@@ -23,7 +23,10 @@ from tools.figures import load_events, newest_test_run, per_epoch
 # question -> (title, the variants compared with the seed recipe)
 QUESTIONS = {
     "batchnorm": ("What BatchNorm does", ["no_batchnorm"]),
-    "optimizer": ("Adam or SGD", ["sgd", "sgd_high_lr", "momentum", "momentum_high_lr"]),
+    "optimizer": (
+        "Adam or SGD",
+        ["sgd", "sgd_high_lr", "sgd_tuned", "momentum", "momentum_high_lr", "momentum_tuned"],
+    ),
     "conv": ("Convolutions or fully connected", ["fully_connected"]),
     "normalization": (
         "Normalized inputs or not",
@@ -37,6 +40,8 @@ LABELS = {
     "sgd_high_lr": "SGD lr 0.1",
     "momentum": "SGD momentum 0.9, lr 1e-3",
     "momentum_high_lr": "SGD momentum 0.9, lr 0.01",
+    "sgd_tuned": "SGD lr 0.07 (tuned)",
+    "momentum_tuned": "SGD momentum 0.9, lr 0.003 (tuned)",
     "fully_connected": "fully connected, 37 hidden",
     "no_normalization": "inputs not normalized",
     "no_batchnorm+no_normalization": "without BatchNorm, inputs not normalized",
