@@ -325,6 +325,7 @@ def run_figures(result: dict) -> dict:
         "fit_s": result["fit_s"],
         "loop_s": sum(result["epochs"]),
         "whole_fit_s": result.get("whole_fit_s", result["fit_s"]),  # the plain loop: its fit_s
+        "round": result["round"],
     }
 
 
@@ -354,9 +355,9 @@ def summarize(name: str, runs: list[dict], plain_runs: list[dict] | None) -> dic
     row["test_acc_by_seed"] = [statistics.median(r["acc"] for r in runs if r["seed"] == s) for s in seeds]
     row["test_acc_mean"] = statistics.mean(row["test_acc_by_seed"])
     if plain_runs:
-        plain = {result["round"]: run_figures(result) for result in plain_runs}
+        plain = {figures["round"]: figures for figures in map(run_figures, plain_runs)}
         for key in ("epoch_s", "fit_s", "step_ms", "whole_fit_s"):
-            ratios = [mine[key] / plain[r["round"]][key] for mine, r in zip(per_run, runs, strict=True)]
+            ratios = [mine[key] / plain[mine["round"]][key] for mine in per_run]
             row[f"{key}_vs_plain"] = statistics.median(ratios)
     return row
 
@@ -381,10 +382,10 @@ def table(rows: list[dict], device: str) -> str:
         )
     by_name = {r["variant"]: r for r in rows}
     if "plain-fast" in by_name and "seed" in by_name:
-        plain_fast = by_name["plain-fast"]["per_run"]  # one run a round; the seed recipe one a seed a round
-        per_round = len(by_name["seed"]["per_run"]) // len(plain_fast)
-        pairs = [(seed, plain_fast[i // per_round]) for i, seed in enumerate(by_name["seed"]["per_run"])]
-        overhead = statistics.median(seed["step_ms"] / plain["step_ms"] - 1 for seed, plain in pairs)
+        plain_fast = {run["round"]: run for run in by_name["plain-fast"]["per_run"]}  # one run a round
+        overhead = statistics.median(
+            seed["step_ms"] / plain_fast[seed["round"]]["step_ms"] - 1 for seed in by_name["seed"]["per_run"]
+        )
         rounds = by_name["seed"]["rounds"]
         lines.append(
             f"Lightning overhead per training step (seed vs plain-fast, median of {rounds} round(s)): "

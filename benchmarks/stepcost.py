@@ -23,6 +23,7 @@ only check that it runs.
 """
 
 import argparse
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -114,17 +115,9 @@ def network_ms(
     graph: bool,
     channels_last: bool = True,
     bf16: bool = False,
-    threads: int | None = None,
 ) -> float:
     """The seed step (channels_last net, cross-entropy, fused Adam), eager or as one CUDA graph; or with
-    one of the choices a machine may want otherwise: NCHW, bf16 autocast, fewer CPU threads."""
-    if threads is not None:
-        all_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return network_ms(batches, steps, device, graph, channels_last, bf16)
-        finally:
-            torch.set_num_threads(all_threads)
+    one of the choices a machine may want otherwise: NCHW, bf16 autocast."""
     model = MNISTClassifier(channels_last=channels_last).to(device)
     # capturable: Adam's step count stays on the GPU, so the graph can advance it on replay.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=graph)
@@ -162,6 +155,17 @@ def network_ms(
         whole_step.replay()
 
     return per_step_ms(replay, steps, device)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``threads`` inside the block, as they were after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def augmentation_ms(dm: MNISTDataModule, steps: int, device: torch.device) -> float:
@@ -214,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(n)
     ]
 
+    def one_thread_ms() -> float:
+        with cpu_threads(1):
+            return network_ms(itertools.cycle(batches), args.steps, device, graph=False)
+
     rows = {
         "loader": loader_ms(dm, args.steps, device),
         "network, eager": network_ms(itertools.cycle(batches), args.steps, device, graph=False),
@@ -228,9 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "network, eager, NCHW, bf16 autocast": network_ms(
             itertools.cycle(batches), args.steps, device, graph=False, channels_last=False, bf16=True
         ),
-        "network, eager, 1 CPU thread": not gpu
-        and torch.get_num_threads() > 1
-        and network_ms(itertools.cycle(batches), args.steps, device, graph=False, threads=1),
+        "network, eager, 1 CPU thread": not gpu and torch.get_num_threads() > 1 and one_thread_ms(),
         "augmentation (configs/best.yaml)": augmentation_ms(dm, args.steps, device),
         "Lightning loop, empty step": lightning_ms(EmptyStep(), batches, args.steps, args.accelerator),
         "Lightning + network": lightning_ms(BareNetwork(), batches, args.steps, args.accelerator),

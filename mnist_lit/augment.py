@@ -7,6 +7,7 @@ global step, so a resumed run augments exactly as the uninterrupted one.
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 
 def augmented(
@@ -16,7 +17,9 @@ def augmented(
     shifted (:func:`shifted`) as the data module's ``max_*`` settings say, each draw from ``seed``."""
     generator = torch.Generator(images.device).manual_seed(seed)
     if max_rotation or max_scale:
-        images = randomly_warped(images.float() / 255, max_rotation, max_scale, generator)
+        images = randomly_warped(
+            TF.to_dtype(images, torch.float32, scale=True), max_rotation, max_scale, generator
+        )
     if max_shift:
         images = shifted(images, max_shift, generator)
     return images
@@ -26,7 +29,10 @@ def warp(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor) -> t
     """Each image of a float batch (N, 1, H, W) rotated about its centre by its own angle (degrees,
     clockwise as the image is shown, rows going down) and scaled by its own factor (above 1: larger),
     resampled bilinearly in one ``grid_sample`` call; what moves in is 0 (MNIST's background before
-    normalization)."""
+    normalization).
+
+    torchvision's ``RandomAffine`` and ``functional.affine`` apply one transform to a whole batch; here
+    every image has its own, still in one call for the batch."""
     radians = torch.deg2rad(degrees)
     cos, sin = torch.cos(radians) / scales, torch.sin(radians) / scales
     zero = torch.zeros_like(cos)

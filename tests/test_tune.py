@@ -426,3 +426,23 @@ def test_each_shipped_search_file_is_a_valid_space(search_file):
                 assert value in dist.choices, (name, value)
             else:
                 assert dist.low <= value <= dist.high, (name, value)
+
+
+def test_the_sgd_search_tunes_the_lessons_optimizer_rate(tmp_path, mnist_dir):
+    # configs/sgd_search.yaml as its header runs it: a LightningCLI `optimizer:` setting is searched like
+    # any other fit setting, and best.yaml gives the recipe's optimizer the trial's rate.
+    recipe = [
+        f"--config={CONFIGS / 'mnist.yaml'}",
+        f"--config={CONFIGS / 'lessons' / 'momentum_high_lr.yaml'}",
+    ]
+    search = ["tune", f"--search={CONFIGS / 'sgd_search.yaml'}", "--study_name=momentum", "--n_trials=1"]
+    output = tune_in(tmp_path, *search, *recipe, f"--data.data_dir={mnist_dir}", *TRIAL_FLAGS)
+    assert "trial 0: optimizer.init_args.lr=" in output
+    trial = yaml.safe_load((tmp_path / "tune/momentum/trials/trial_000/config.yaml").read_text())
+    best = yaml.safe_load((tmp_path / "tune/momentum/best.yaml").read_text())
+    assert (
+        trial["optimizer"]["class_path"] == "torch.optim.SGD"
+        and trial["optimizer"]["init_args"]["momentum"] == 0.9
+    )
+    assert best["optimizer"]["init_args"]["lr"] == trial["optimizer"]["init_args"]["lr"] != 0.01
+    assert 3e-3 <= best["optimizer"]["init_args"]["lr"] <= 1.0
