@@ -21,6 +21,9 @@ same machine, and reports per-epoch times; the table compares them as ratios to 
 - ``seed-bf16``, ``seed-compile``, ``seed-cudnn-benchmark``, ``fast-fp32``, ``fast-bf16``: the recipes
   with one switch flipped (``--trainer.precision``, ``--model.compile``, ``--trainer.benchmark``), to
   measure what each switch buys (not run by default).
+- ``seed-glibc-malloc``: the seed recipe through the CLI alone, without the process settings that
+  ``python -m mnist_lit`` makes, so on glibc's default malloc: what ``mnist_lit/allocator.py`` buys on
+  the machine at hand (not run by default).
 
 "Whole fit" is a recipe's ``fit`` as a user waits for it, from the start of its process (Python, the
 imports) to the end of training; for the plain loop it is the loop's time, its 10 epochs.
@@ -61,7 +64,9 @@ RECIPES = {
     "seed-cudnn-benchmark": ("mnist.yaml", ["--trainer.benchmark=true"]),
     "fast-fp32": ("fast.yaml", ["--trainer.precision=32-true"]),
     "fast-bf16": ("fast.yaml", ["--trainer.precision=bf16-mixed"]),
+    "seed-glibc-malloc": ("mnist.yaml", []),
 }
+GLIBC_MALLOC = {"seed-glibc-malloc"}  # run without allocator.py's settings
 FLAGS_SHOWN = ("avx512f", *CPU_BF16_FLAGS)  # what decides CPU speed and the fast recipe's precision
 VARIANTS = ("plain", "plain-fast", *RECIPES)
 DEFAULT_VARIANTS = ("plain", "plain-fast", "seed", "fast")
@@ -236,12 +241,14 @@ def run_recipe(
     accelerator: str,
     seed: int,
     val_size: int,
+    tuned_malloc: bool = True,
 ) -> dict:
-    """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder."""
-    from mnist_lit.__main__ import main
-    from mnist_lit.allocator import keep_freed_memory
-
-    keep_freed_memory()  # as `python -m mnist_lit` does
+    """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder:
+    as ``python -m mnist_lit`` runs it, or (``tuned_malloc=False``) the CLI alone, on glibc's defaults."""
+    if tuned_malloc:
+        from mnist_lit.__main__ import main  # which makes allocator.py's settings for fit
+    else:
+        from mnist_lit.cli import main
 
     quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     flags = [
@@ -306,7 +313,9 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
         result = run_plain_fast(epochs=args.epochs or 10, **common)
     else:
         config, flags = RECIPES[variant]
-        result = run_recipe(config, flags, epochs=args.epochs, **common)
+        result = run_recipe(
+            config, flags, epochs=args.epochs, tuned_malloc=variant not in GLIBC_MALLOC, **common
+        )
     # ru_maxrss is in KiB on Linux.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available() and args.accelerator != "cpu":

@@ -142,7 +142,9 @@ class MNISTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         # Lightning's default progress bar, without v_num (tracking.ProgressBar), where Lightning would
-        # add its own; given here, not in YAML, so that a run's config.yaml never names it.
+        # add its own; given here, not in YAML, so that a run's config.yaml never names it. Redrawn ten
+        # times a second, as tqdm does, not Rich's 100: each redraw holds the GIL that the training step
+        # needs, and at 100 a second the bar slowed the seed recipe's epochs visibly (docs/performance.md).
         trainer = self._section(self.config_init).trainer
         callbacks = list(trainer.callbacks or [])
         if trainer.enable_progress_bar is not False and not any(
@@ -150,7 +152,7 @@ class MNISTCLI(LightningCLI):
         ):
             from mnist_lit.tracking import ProgressBar as WithoutVersion
 
-            kwargs["callbacks"] = [*callbacks, WithoutVersion()]
+            kwargs["callbacks"] = [*callbacks, WithoutVersion(refresh_rate=10)]
         return super().instantiate_trainer(**kwargs)
 
     def _check_checkpoint(self) -> None:

@@ -15,15 +15,15 @@ from tests.helpers import subprocess_env
 def test_bench_runs_every_variant_and_prints_the_table(tmp_path, mnist_dir):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "benchmarks.bench", f"--data-dir={mnist_dir}", "--epochs=1"]
-    cmd.append("--val-size=100")
+    cmd += ["--val-size=100", "--variants=plain,plain-fast,seed,seed-glibc-malloc"]
     proc = subprocess.run(
-        [*cmd, "--variants", "plain,plain-fast,seed", "--repeat", "1", "--output", str(out)],
+        [*cmd, "--repeat", "1", "--output", str(out)],
         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {row["variant"]: row for row in report["rows"]}
-    assert list(rows) == ["plain", "plain-fast", "seed"]
+    assert list(rows) == ["plain", "plain-fast", "seed", "seed-glibc-malloc"]
     for name, row in rows.items():  # each ratio is its own epoch time over the plain loop's
         expected = row["epoch_s"] / rows["plain"]["epoch_s"]
         assert row["epoch_s_vs_plain"] == pytest.approx(expected, rel=0.5), name

@@ -97,10 +97,17 @@ def test_same_seed_gives_the_same_weights(workdir, mnist_dir):
         assert torch.equal(value, second["state_dict"][key]), key
 
 
+WARPED = ["--data.max_rotation=12", "--data.max_scale=0.1", "--data.max_shift=2"]
+AVERAGED = [
+    "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+    "--trainer.callbacks.decay=0.9",
+]
+
+
 @pytest.mark.parametrize(
     "recipe",
-    [[], ["--data.max_shift=2"], ["--data.max_rotation=12", "--data.max_scale=0.1", "--data.max_shift=2"]],
-    ids=["seed", "shifted", "warped"],
+    [[], ["--data.max_shift=2"], WARPED, [*WARPED, *AVERAGED]],
+    ids=["seed", "shifted", "warped", "warped-and-averaged"],
 )
 def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist_dir, recipe):
     cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2"))  # version_0: uninterrupted
@@ -115,8 +122,14 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist
     )
     assert resumed["epoch"] == straight["epoch"] == 1
     assert resumed["global_step"] == straight["global_step"] == 10
-    for key, value in straight["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    # With weight averaging (best.yaml), state_dict holds the average and current_model_state the
+    # weights being trained: both, and the average's step count, go on exactly.
+    averaged = AVERAGED[0] in recipe
+    kept = ["state_dict", "current_model_state", "averaging_state"] if averaged else ["state_dict"]
+    assert [key for key in kept if key in resumed] == [key for key in kept if key in straight] == kept
+    for weights in kept:
+        for key, value in straight[weights].items():
+            torch.testing.assert_close(resumed[weights][key], value, rtol=0, atol=0, msg=f"{weights} {key}")
     # One run in TensorBoard, its curves going on where they stopped: the same points as version_0's.
     for tag in ("val/acc", "train/loss_epoch", "epoch"):
         assert curve(workdir / "lightning_logs/version_1", tag) == curve(
@@ -220,6 +233,12 @@ def test_each_recipe_trains_with_its_own_settings(workdir, mnist_dir, recipe):
     # fast.yaml leaves the precision to the hardware (precision.py); the run records what it chose.
     chosen = precision_for(saved["trainer"]["accelerator"])[0] if config.get("bf16_where_native") else None
     assert saved["trainer"]["precision"] == config["trainer"].get("precision", chosen)
+    # Callbacks a recipe adds (`callbacks+`, best.yaml's weight averaging) come after the defaults'.
+    saved_callbacks = [callback["class_path"] for callback in saved["trainer"]["callbacks"]]
+    added = [callback["class_path"] for callback in config["trainer"].get("callbacks+", [])]
+    assert saved_callbacks[0] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    assert saved_callbacks[len(saved_callbacks) - len(added) :] == added
     last = load_checkpoint(workdir / "lightning_logs/version_0/checkpoints/last.ckpt")
+    assert ("averaging_state" in last) == ("lightning.pytorch.callbacks.EMAWeightAveraging" in added)
     assert last["global_step"] == min(2, -(-500 // config["data"]["batch_size"]))  # 500 training images
     assert last["hyper_parameters"]["label_smoothing"] == config["model"]["label_smoothing"]

@@ -3,8 +3,10 @@ learning rate and epoch time; the progress bar and the fit summary on the consol
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+from lightning.pytorch.callbacks import RichProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -162,10 +164,22 @@ def test_a_run_without_logger_is_refused_in_one_line(workdir, mnist_dir):
     assert not (workdir / "lightning_logs").exists()
 
 
+class BarSeen(L.Callback):
+    """Records the progress bar that the trainer runs with."""
+
+    bar = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        BarSeen.bar = trainer.progress_bar_callback
+
+
 def test_rich_progress_bar_and_fit_summary(workdir, mnist_dir, capsys):
     quiet_args = fit_args(mnist_dir, "--trainer.limit_train_batches=2")
-    cli(*[arg for arg in quiet_args if arg != "--trainer.enable_progress_bar=false"])
+    with_bar = [arg for arg in quiet_args if arg != "--trainer.enable_progress_bar=false"]
+    cli(*with_bar, "--trainer.callbacks+=tests.test_report.BarSeen")
     out = capsys.readouterr().out
+    # Rich's bar, redrawn 10 times a second rather than Rich's 100 (each redraw takes the step's GIL).
+    assert isinstance(BarSeen.bar, RichProgressBar) and BarSeen.bar.refresh_rate == 10
     # Rich's bar: epoch, step of the epoch, the loss and val/acc.
     assert "Epoch 0/0" in out and "━" in out and "2/2" in out
     assert "train/loss_step" in out and "val/acc" in out
