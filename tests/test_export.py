@@ -10,7 +10,7 @@ import torch
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import load_checkpoint, newest_run
-from tests.helpers import REAL_DATA, cli, error_of
+from tests.helpers import REAL_DATA, cli, error_of, fit_args
 
 
 @pytest.fixture
@@ -116,3 +116,23 @@ def test_a_checkpoint_naming_a_network_from_elsewhere_is_refused_unimported(trai
     assert "planted.ckpt names the network planted_net.Net" in message
     assert "mnist_lit or torch.nn" in message
     assert not (trained / "imported").exists() and not (trained / "model.onnx").exists()
+
+
+def test_a_run_with_weight_averaging_exports_the_average(workdir, mnist_dir):
+    # configs/best.yaml's EMAWeightAveraging: the checkpoint's state_dict is the average, which export
+    # must carry, not the weights being trained (current_model_state).
+    averaged = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+        "--trainer.callbacks.decay=0.5",
+    ]
+    cli(*fit_args(mnist_dir, *averaged))
+    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    cli("export", "--format=torchscript", f"--ckpt_path={last}", "--output=model.pt")
+    state = load_checkpoint(last)
+    trained_weights = {k: v for k, v in state["current_model_state"].items() if k.startswith("net.")}
+    assert any(not torch.equal(v, state["state_dict"][k]) for k, v in trained_weights.items())
+    images = test_images(mnist_dir)
+    exported = torch.jit.load(workdir / "model.pt")
+    torch.testing.assert_close(
+        exported(images.float() / 255), pytorch_logits(last, images), rtol=0, atol=1e-5
+    )
