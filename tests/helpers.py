@@ -28,6 +28,11 @@ QUICK = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]
+# configs/best.yaml's weight averaging, with a decay short enough to show in a few steps of tiny data.
+AVERAGED = [
+    "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+    "--trainer.callbacks.decay=0.9",
+]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lit.precision import precision_for
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import CONFIGS, QUICK, cli, error_of, fit_args
+from tests.helpers import AVERAGED, CONFIGS, QUICK, cli, error_of, fit_args
 
 
 def checkpoints(workdir, version=0):
@@ -98,10 +98,6 @@ def test_same_seed_gives_the_same_weights(workdir, mnist_dir):
 
 
 WARPED = ["--data.max_rotation=12", "--data.max_scale=0.1", "--data.max_shift=2"]
-AVERAGED = [
-    "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
-    "--trainer.callbacks.decay=0.9",
-]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import load_checkpoint, newest_run
-from tests.helpers import REAL_DATA, cli, error_of, fit_args
+from tests.helpers import AVERAGED, REAL_DATA, cli, error_of, fit_args
 
 
 @pytest.fixture
@@ -121,11 +121,7 @@ def test_a_checkpoint_naming_a_network_from_elsewhere_is_refused_unimported(trai
 def test_a_run_with_weight_averaging_exports_the_average(workdir, mnist_dir):
     # configs/best.yaml's EMAWeightAveraging: the checkpoint's state_dict is the average, which export
     # must carry, not the weights being trained (current_model_state).
-    averaged = [
-        "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
-        "--trainer.callbacks.decay=0.5",
-    ]
-    cli(*fit_args(mnist_dir, *averaged))
+    cli(*fit_args(mnist_dir, *AVERAGED))
     last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     cli("export", "--format=torchscript", f"--ckpt_path={last}", "--output=model.pt")
     state = load_checkpoint(last)
