@@ -33,6 +33,7 @@ QUIET = (
     "'set_vital' is deprecated",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     "The dirpath has changed",
+    "Checkpoint directory .* exists and is not empty",  # on resume: a new run's folder is new (logger.py)
     # Epoch values here are torchmetrics results, synced by compute() on every rank (distributed.py).
     r"It is recommended to use `self.log\(.*sync_dist=True\)`",
 )
@@ -89,10 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         module.main(argv)
     except (UserError, MisconfigurationException) as err:  # Lightning's: settings that do not fit together
         sys.exit(f"mnist_lit: error: {err}")
-    except RuntimeError as err:  # a DDP rank lost, or ranks that stopped agreeing; else a bug: traceback
-        from mnist_lit.messages import stalled_message
+    # A DDP rank lost, ranks that stopped agreeing, a file or folder the system refused; else a bug: traceback
+    except (RuntimeError, OSError) as err:
+        from mnist_lit.messages import explained
 
-        if (line := stalled_message(err)) is None:
+        if (line := explained(err)) is None:
             raise
         sys.exit(f"mnist_lit: error: {line}")
     except KeyboardInterrupt:  # Ctrl-C outside training (loading data, parsing); in training see faults.py

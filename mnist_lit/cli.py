@@ -51,10 +51,9 @@ class CommandParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> None:
         if not self.exit_on_error:  # jsonargparse parsing internally, and catching its own errors
             super().error(message, ex)
-        from mnist_lit.messages import readable
+        from mnist_lit.messages import flags_of, readable
 
-        flags = [option for action in self._actions for option in action.option_strings]
-        sys.stderr.write(f"mnist_lit: error: {readable(message, flags)}\n")
+        sys.stderr.write(f"mnist_lit: error: {readable(message, flags_of(self))}\n")
         self.exit(2)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from mnist_lit.data import MNIST_MEAN, MNIST_STD
 from mnist_lit.errors import UserError
 from mnist_lit.model import ConvNet, MNISTClassifier
-from mnist_lit.runs import check_checkpoint_fits, load_checkpoint, newest_run
+from mnist_lit.runs import check_checkpoint_fits, check_writable, load_checkpoint, newest_run
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -96,6 +96,8 @@ def export(
         overwrite: replace ``output`` if it exists (otherwise an existing file is an error).
     """
     target = Path(output or f"model{SUFFIXES[format]}")
+    if target.is_dir():  # never replaced, --overwrite or not
+        raise UserError(f"--output {target} is a folder: give the name of a file to write")
     if target.exists() and not overwrite:
         raise UserError(
             f"{target} already exists: choose another --output, or pass --overwrite true to replace it"
@@ -111,20 +113,24 @@ def export(
         checkpoint = Path(ckpt_path)
     model = from_checkpoint(checkpoint)
     example = torch.rand(2, 1, 28, 28)  # batch 2, not 1, so that the batch size is not taken as a constant
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(target, "--output")
     # Written next to the target and renamed when complete: a failed export never leaves half a file.
     partial = target.with_name(f".{target.name}.partial")
-    with torch.no_grad():
-        if format == "onnx":
-            torch.onnx.export(
-                model, (example,), partial, input_names=["pixels"], output_names=["logits"],
-                dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, external_data=False, verbose=False,
-            )  # fmt: skip
-        else:
-            with warnings.catch_warnings():  # the user chose TorchScript, which --help says is deprecated
-                warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-                torch.jit.trace(model, example).save(str(partial))
-    os.replace(partial, target)
+    try:
+        with torch.no_grad():
+            if format == "onnx":
+                torch.onnx.export(
+                    model, (example,), partial, input_names=["pixels"], output_names=["logits"],
+                    dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}}, external_data=False,
+                    verbose=False,
+                )  # fmt: skip
+            else:
+                with warnings.catch_warnings():  # the user chose TorchScript, which --help says is deprecated
+                    warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+                    torch.jit.trace(model, example).save(str(partial))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)  # left only when writing or renaming failed (a full disk...)
     print(
         f"Exported {checkpoint} to {target} ({format}): input pixels (N, 1, 28, 28) in [0, 1], output 10 "
         f"logits; normalization built in (mean {model.mean.item():.4f}, std {model.std.item():.4f})"

@@ -21,11 +21,25 @@ UNION_ERROR = re.compile(
     r"Does not validate against any of the Union subtypes.*Subtypes: \[(?P<types>[^]]*)\]"
     r".*Given value: (?P<value>.*)$"
 )
+LITERAL_ERROR = re.compile(r"Expected a typing\.Literal\[(?P<choices>[^]]*)\]\.? Got value: (?P<value>.*)$")
 UNKNOWN_KEY = re.compile(r"unrecognized arguments: (?P<flag>--[\w.]+)", re.IGNORECASE)
 
 
+def flags_of(parser) -> list[str]:
+    """Every flag of an argparse ``parser`` and of its subcommands' parsers."""
+    flags = []
+    for action in parser._actions:
+        flags.extend(action.option_strings)
+        if isinstance(action.choices, dict):  # subcommands: name -> parser
+            flags.extend(flag for sub in action.choices.values() for flag in flags_of(sub))
+    return flags
+
+
 def readable(message: str, known_flags: list[str] = ()) -> str:
-    """jsonargparse's error message as one line; an unknown flag gets the closest known one."""
+    """jsonargparse's error message as one line; an unknown flag gets the closest known one, and an error
+    inside a --config file names the file."""
+    if at_fault := config_at_fault(message, known_flags):
+        return at_fault
     text = " ".join(line.strip() for line in message.splitlines())
     text = re.sub(r'Parser key "([^"]+)":?', r"--\1:", text)
     union = UNION_ERROR.search(text)
@@ -34,6 +48,9 @@ def readable(message: str, known_flags: list[str] = ()) -> str:
         words = [TYPE_WORDS.get(name, name) for name in names if name != "NoneType"]
         expected = " or ".join(words) + (" (or null)" if "NoneType" in names else "")
         text = text[: union.start()] + f"expected {expected}, got {union['value'].strip()!r}"
+    if choice := LITERAL_ERROR.search(text):  # e.g. --format tflite
+        got = choice["value"].strip()
+        text = text[: choice.start()] + f"expected one of {choice['choices']}, got {got!r}"
     unknown = UNKNOWN_KEY.search(text)
     if unknown and known_flags:
         import difflib
@@ -42,6 +59,53 @@ def readable(message: str, known_flags: list[str] = ()) -> str:
         if close:
             return f"{text}: did you mean {close[0]}?"
     return f"{text} (see --help)"
+
+
+def config_at_fault(message: str, known_flags: list[str]) -> str | None:
+    """For a YAML error or an unknown key that came from a --config file on the command line: that file
+    and what is wrong in it (jsonargparse's message names neither). None when no --config file explains
+    the message."""
+    import difflib
+    import sys
+
+    import yaml
+
+    argv, files = sys.argv[1:], []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+    unknown = re.search(r"does not accept (?:nested key|option) '([\w.]+)'", message)
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                recipe = yaml.safe_load(f)
+        except OSError:
+            continue  # a missing file is jsonargparse's own "File does not exist"
+        except yaml.YAMLError as err:
+            if "Problems parsing config" in message:
+                where = getattr(err, "problem_mark", None)
+                at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+                return f"--config {file}: not valid YAML{at}: {getattr(err, 'problem', None) or err}"
+            continue
+        if unknown and isinstance(recipe, dict):
+            keys = [key for key in flattened(recipe) if key == unknown[1]]
+            if keys:
+                close = difflib.get_close_matches(f"--{keys[0]}", known_flags, n=1, cutoff=0.8)
+                hint = f": did you mean {close[0].removeprefix('--')}?" if close else " (see --help)"
+                return f"--config {file}: unknown setting {keys[0]}{hint}"
+    return None
+
+
+def flattened(mapping: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves and branches, e.g. ["model", "model.lr"]."""
+    keys = []
+    for key, value in mapping.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys.extend(flattened(value, f"{prefix}{key}."))
+    return keys
 
 
 # ------------------------------------------------------------------------------------ torch.load
@@ -77,6 +141,21 @@ COLLECTIVES = (
 
 LOST_PEER = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|Connection refused")
 KEPT_NOTE = "last checkpoint kept: "  # faults.LastCheckpoint's note on an error that ends a fit
+
+
+def explained(err: BaseException) -> str | None:
+    """The one line for an error the user's setup caused (a DDP rank lost or stalled, a file or folder the
+    system refused); None for any other, which is a bug and keeps its traceback."""
+    return stalled_message(err) or refused_by_system(err)
+
+
+def refused_by_system(err: BaseException) -> str | None:
+    """One line for an OSError about a path (no permission, a read-only or full disk, a file where a folder
+    should be), as the shell's own tools say it; None for any other error."""
+    if not isinstance(err, OSError) or err.filename is None:
+        return None
+    also = f" (renaming to {err.filename2})" if err.filename2 is not None else ""
+    return f"{err.filename}: {err.strerror or first_line(err)}{also}"
 
 
 def stalled_message(err: BaseException) -> str | None:

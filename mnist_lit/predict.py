@@ -50,9 +50,12 @@ def write_whole(path: Path, rows: list[tuple[int, int, list[float]]], files: lis
                 writer.writerow([index, *file_cell, digit, *(f"{p:.6f}" for p in row)])
             f.flush()
             os.fsync(f.fileno())
-        except BaseException:
+        except BaseException as err:
             f.close()
             os.unlink(f.name)
+            if isinstance(err, OSError):  # a full disk or quota: the folder is left as it was
+                reason = err.strerror or err
+                raise UserError(f"could not write {path}: {reason}; nothing was written") from None
             raise
     os.replace(f.name, path)
 
@@ -74,6 +77,10 @@ class PredictionWriter(BasePredictionWriter):
             raise UserError(
                 f"{self.output} already exists: choose another --predictions.output, or move the file away"
             )
+        if stage == "predict" and self.output:
+            from mnist_lit.runs import check_writable
+
+            check_writable(Path(self.output), "--predictions.output")
 
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices

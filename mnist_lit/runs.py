@@ -10,15 +10,22 @@ as best.
 
 import functools
 import json
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mnist_lit.errors import UserError
 from mnist_lit.logger import run_folders
 
+# Where a .ckpt file may be below a folder given as --ckpt_path: a run's checkpoints, or a log root's runs'.
+CHECKPOINT_PLACES = (
+    "*.ckpt", "checkpoints/*.ckpt", "*/checkpoints/*.ckpt", "lightning_logs/*/checkpoints/*.ckpt"
+)  # fmt: skip
 NOT_A_CHECKPOINT = (
     "is not a Lightning checkpoint (a .ckpt file that fit writes): it is truncated or another kind of file"
 )
@@ -122,11 +129,16 @@ def load_checkpoint(path: Path) -> dict:
     objects other than tensors and plain data (whose unpickling could run code: refused unread).
     """
     if Path(path).is_dir():
-        raise UserError(f"checkpoint {path} is a folder: give a .ckpt file in it, e.g. {path}/last.ckpt")
+        # Where fit puts them, for a run's folder or a log root: the newest as the example.
+        found = [f for pattern in CHECKPOINT_PLACES for f in Path(path).glob(pattern) if f.is_file()]
+        example = f", e.g. {max(found, key=lambda f: f.stat().st_mtime)}" if found else " (it holds none)"
+        raise UserError(f"checkpoint {path} is a folder: give a .ckpt file{example}")
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch noting a TorchScript file: the refusal below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # garbage makes the (code-free) unpickler fail in any number of ways
         from mnist_lit.messages import checkpoint_refused
 
@@ -174,7 +186,8 @@ def evaluation_args(given: list[str], command: str, checkpoint: Path | None, log
     if checkpoint is None:
         checkpoint, score = newest_run(log_root).best_checkpoint()
         args.append(f"--ckpt_path={checkpoint}")
-        print(f"{command}: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
+        if rank_zero_only.rank == 0:  # every DDP process parses the command line
+            print(f"{command}: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
     run = Run.of_checkpoint(checkpoint)
     if run is not None and run.settings("data"):
         args.insert(args.index(command) + 1, f"--data={json.dumps(run.settings('data'))}")
@@ -211,3 +224,15 @@ def check_resumable(checkpoint: dict, path: Path, max_epochs: int | None) -> Non
             f"nothing left to train; to train further, pass --trainer.max_epochs {done + 5} (or any number "
             "above the epochs done)"
         )
+
+
+def check_writable(target: Path, flag: str) -> None:
+    """Raise UserError, naming ``flag``, unless a new file can be written at ``target`` (a file name, not a
+    folder; its folder is made if missing): checked before the work whose result it is to hold."""
+    if target.is_dir():
+        raise UserError(f"{flag} {target} is a folder: give the name of a file to write")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as err:
+        raise UserError(f"{flag} {target}: cannot write in {target.parent}: {err.strerror or err}") from None

@@ -480,10 +480,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class TuneParser(argparse.ArgumentParser):
-    """tune's own flags; the rest go to fit. A bad flag is one line, like every other error."""
+    """tune's own flags; the rest go to fit. A bad flag is one line and exit status 2, as for fit's flags."""
 
     def error(self, message: str) -> None:
-        raise UserError(f"{message} (see python -m mnist_lit tune --help)")
+        self.exit(2, f"mnist_lit: error: {message} (see python -m mnist_lit tune --help)\n")
 
 
 def positive(text: str) -> int:

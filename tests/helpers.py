@@ -70,6 +70,17 @@ def cli(*args: str) -> None:
         main(list(args))
 
 
+def parse_error_of(capsys, *args: str) -> str:
+    """The one-line error a bad flag or config exits with (the parsers' path), and its exit status 2."""
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(sys, "argv", ["mnist_lit"])  # else LightningCLI warns that pytest's argv is ignored
+        cli(*args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mnist_lit: error: "), lines
+    return lines[0]
+
+
 def error_of(*args: str) -> str:
     """The one-line error `python -m mnist_lit ARGS` exits with (UserError's path through main)."""
     with pytest.raises(SystemExit) as exit_info:

@@ -53,9 +53,15 @@ def test_a_runs_checkpoint_brings_its_data_settings(trained_copy, command):
     assert (trained_copy / f"lightning_logs/version_0/{command}_0").is_dir()  # filed under its run
 
 
-def test_a_folder_given_as_checkpoint_is_named_as_one(trained_copy):
-    message = error_of("test", "--ckpt_path=lightning_logs/version_0/checkpoints", *QUICK[1:])
-    assert "checkpoint lightning_logs/version_0/checkpoints is a folder: give a .ckpt file in it" in message
+def test_a_folder_given_as_checkpoint_is_named_as_one_with_a_real_checkpoint_as_example(trained_copy):
+    for folder in ("lightning_logs/version_0/checkpoints", "lightning_logs/version_0", "lightning_logs"):
+        message = error_of("test", f"--ckpt_path={folder}", *QUICK[1:])
+        said = f"mnist_lit: error: checkpoint {folder} is a folder: give a .ckpt file, e.g. "
+        assert message.startswith(said), message
+        example = Path(message.split(", e.g. ", 1)[1])
+        assert example.is_file() and example.is_relative_to(f"{folder}") and example.suffix == ".ckpt"
+    (trained_copy / "empty").mkdir()
+    assert error_of("test", "--ckpt_path=empty", *QUICK[1:]).endswith("give a .ckpt file (it holds none)")
 
 
 def test_explicit_flags_win_over_the_runs_settings(workdir, mnist_dir, capsys):
@@ -105,7 +111,7 @@ WARPED = ["--data.max_rotation=12", "--data.max_scale=0.1", "--data.max_shift=2"
     [[], ["--data.max_shift=2"], WARPED, [*WARPED, *AVERAGED]],
     ids=["seed", "shifted", "warped", "warped-and-averaged"],
 )
-def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist_dir, recipe):
+def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist_dir, recipe, recwarn):
     cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2"))  # version_0: uninterrupted
     cli(*fit_args(mnist_dir, *recipe, "--trainer.max_epochs=1"))  # version_1: stops after one epoch
     last = workdir / "lightning_logs/version_1/checkpoints/last.ckpt"
@@ -113,6 +119,8 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(workdir, mnist
         *fit_args(mnist_dir, *recipe, "--trainer.max_epochs=2", f"--ckpt_path={last}")
     )  # goes on in version_1
     assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    # Going on in the run's own folder is the design: Lightning's note that it is not empty is noise.
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
     straight, resumed = (
         load_checkpoint(workdir / f"lightning_logs/version_{v}/checkpoints/last.ckpt") for v in (0, 1)
     )
@@ -159,6 +167,12 @@ def test_validate_and_predict_use_the_newest_run(workdir, mnist_dir, capsys):
         cli("predict", *QUICK[1:], "--predictions.output=preds.csv")
     assert "preds.csv already exists" in str(exit_info.value.code)
     assert (workdir / "preds.csv").read_bytes() == before
+    # So does an output that cannot be written (a file where its folder should be): no predict_N is made.
+    (workdir / "plain_file").write_text("not a folder")
+    predict_runs = sorted((workdir / "lightning_logs/version_0").glob("predict_*"))
+    message = error_of("predict", *QUICK[1:], "--predictions.output=plain_file/preds.csv")
+    assert message.startswith("mnist_lit: error: --predictions.output plain_file/preds.csv: cannot write in")
+    assert sorted((workdir / "lightning_logs/version_0").glob("predict_*")) == predict_runs
 
 
 def test_the_seed_recipe_file_and_the_defaults_agree(capsys):

@@ -117,7 +117,9 @@ def test_fit_validate_test_predict_under_ddp_as_users_run_them(workdir, odd_mnis
 
     # Bare validate/test/predict under DDP: the newest run's best checkpoint, each rank a share.
     for command in ("validate", "test"):
-        assert_clean(run_guarded(mnist_cli(command, *DDP), tmp_path, GUARD), command)
+        proc = run_guarded(mnist_cli(command, *DDP), tmp_path, GUARD)
+        assert_clean(proc, command)
+        assert proc.stdout.count(f"{command}: using ") == 1, proc.stdout  # said by rank 0 only
     predict = ["predict", "--predictions.output=ddp.csv", *DDP]
     proc = run_guarded(mnist_cli(*predict), tmp_path, GUARD)
     assert_clean(proc, "predict")

@@ -17,6 +17,7 @@ from tests.helpers import (
     error_of,
     fit_args,
     idx_bytes,
+    parse_error_of,
     subprocess_env,
     synthetic_digits,
     write_mnist,
@@ -24,17 +25,6 @@ from tests.helpers import (
 
 TRAIN_IMAGES = "MNIST/raw/train-images-idx3-ubyte"
 TRAIN_LABELS = "MNIST/raw/train-labels-idx1-ubyte"
-
-
-def parse_error_of(capsys, *args: str) -> str:
-    """The one-line error a bad flag or config exits with (jsonargparse's path), and its exit status 2."""
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
-        patch.setattr(sys, "argv", ["mnist_lit"])  # else LightningCLI warns that pytest's argv is ignored
-        cli(*args)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mnist_lit: error: "), lines
-    return lines[0]
 
 
 def truncate(path, keep: int) -> None:
@@ -128,11 +118,30 @@ def test_unknown_command_lists_every_command(capsys):
     )
 
 
-def test_unknown_key_in_a_config_file_is_one_line(workdir, mnist_dir, capsys):
-    config = workdir / "recipe.yaml"
-    config.write_text(yaml.safe_dump({"model": {"lr": 0.01, "learning_rate": 0.01}}))
+def test_unknown_key_in_a_config_file_is_one_line_naming_the_file(workdir, mnist_dir, capsys):
+    good, config = workdir / "good.yaml", workdir / "recipe.yaml"
+    good.write_text(yaml.safe_dump({"model": {"lr": 0.01}}))
+    config.write_text(yaml.safe_dump({"model": {"lr": 0.01}, "trainer": {"max_epochz": 2}}))
+    message = parse_error_of(capsys, *fit_args(mnist_dir, f"--config={good}", "--config", str(config)))
+    said = f"--config {config}: unknown setting trainer.max_epochz: did you mean trainer.max_epochs?"
+    assert message == f"mnist_lit: error: {said}"
+    config.write_text(yaml.safe_dump({"model": {"learning_rate": 0.01}}))  # nothing close enough: no guess
     message = parse_error_of(capsys, *fit_args(mnist_dir, f"--config={config}"))
-    assert "learning_rate" in message
+    assert message == f"mnist_lit: error: --config {config}: unknown setting model.learning_rate (see --help)"
+
+
+def test_a_config_file_that_is_not_yaml_is_named_with_where(workdir, mnist_dir, capsys):
+    config = workdir / "recipe.yaml"
+    config.write_text("model:\n  lr: [0.1\n")
+    message = parse_error_of(capsys, *fit_args(mnist_dir, f"--config={config}"))
+    assert message.startswith(f"mnist_lit: error: --config {config}: not valid YAML at line 3, column 1: ")
+
+
+def test_a_log_folder_that_cannot_be_made_is_one_line_naming_it(workdir, mnist_dir):
+    (workdir / "plain_file").write_text("not a folder")  # where the logs' folder should be: root or not
+    message = error_of(*fit_args(mnist_dir, "--trainer.logger.save_dir=plain_file/logs"))
+    assert message.startswith(f"mnist_lit: error: {workdir}/plain_file/logs"), message
+    assert (workdir / "plain_file").read_text() == "not a folder"
 
 
 @pytest.mark.slow
@@ -158,6 +167,13 @@ def trained(trained_run) -> dict:
 def test_missing_checkpoint(workdir, mnist_dir, command):
     message = error_of(command, f"--data.data_dir={mnist_dir}", "--ckpt_path=gone.ckpt", *QUICK[1:])
     assert "checkpoint gone.ckpt does not exist" in message
+
+
+def test_a_torchscript_file_as_checkpoint_is_refused_without_torchs_warnings(workdir, mnist_dir, recwarn):
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(workdir / "model.pt"))
+    message = error_of("test", f"--data.data_dir={mnist_dir}", "--ckpt_path=model.pt", *QUICK[1:])
+    assert "model.pt is not a Lightning checkpoint" in message
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)], [str(w.message) for w in recwarn]
 
 
 def test_file_that_is_not_a_checkpoint(workdir, mnist_dir):

@@ -132,3 +132,25 @@ def test_a_run_with_weight_averaging_exports_the_average(workdir, mnist_dir):
     torch.testing.assert_close(
         exported(images.float() / 255), pytorch_logits(last, images), rtol=0, atol=1e-5
     )
+
+
+def test_an_output_that_is_a_folder_is_refused_even_with_overwrite(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    (trained / "my_digits").mkdir()
+    (trained / "my_digits" / "notes.txt").write_text("kept")
+    message = error_of("export", "--output=my_digits", "--overwrite=true")
+    assert message == "mnist_lit: error: --output my_digits is a folder: give the name of a file to write"
+    assert (trained / "my_digits" / "notes.txt").read_text() == "kept"
+    assert not list(trained.glob(".my_digits*")), "a partial file was left behind"
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(trained, monkeypatch):
+    # A file where the output's folder should be: no mkdir can make it, root or not.
+    monkeypatch.chdir(trained)
+    (trained / "plain_file").write_text("not a folder")
+    for export_format, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
+        message = error_of("export", f"--format={export_format}", f"--output=plain_file/sub/{name}")
+        said = f"mnist_lit: error: --output plain_file/sub/{name}: cannot write in "
+        assert message.startswith(said), message
+    assert (trained / "plain_file").read_text() == "not a folder"
+    assert not list(trained.rglob("*.partial")) and not list(trained.rglob("model.*"))

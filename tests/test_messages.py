@@ -5,6 +5,7 @@ import datetime
 import pickle
 import socket
 import sys
+from typing import Literal
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ def jsonargparse_error(*args: str) -> str:
     parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--epochs", type=int | None)
     parser.add_argument("--lr", type=PositiveFloat)
+    parser.add_argument("--format", type=Literal["onnx", "torchscript"])
     with pytest.raises(Exception) as error:  # jsonargparse's ArgumentError
         parser.parse_args(list(args))
     return str(error.value)
@@ -29,6 +31,21 @@ def test_a_wrong_type_is_named_in_words():
     text = jsonargparse_error("--epochs=three")
     assert messages.UNION_ERROR.search(" ".join(text.split())), text  # the wording the rewrite reads
     assert messages.readable(text).startswith("--epochs: expected an integer (or null), got 'three'")
+
+
+def test_a_value_outside_the_choices_lists_them():
+    text = jsonargparse_error("--format=tflite")
+    assert messages.LITERAL_ERROR.search(" ".join(text.split())), text
+    assert messages.readable(text).startswith("--format: expected one of 'onnx', 'torchscript', got 'tflite'")
+
+
+def test_an_oserror_about_a_path_is_said_as_the_shell_says_it(tmp_path):
+    (tmp_path / "plain_file").write_text("not a folder")
+    with pytest.raises(OSError) as error:
+        (tmp_path / "plain_file" / "logs").mkdir(parents=True)
+    assert messages.explained(error.value) == f"{tmp_path}/plain_file/logs: Not a directory"
+    assert messages.explained(OSError(28, "No space left on device")) is None  # no path: not explained
+    assert messages.explained(ValueError("x")) is None
 
 
 def test_an_unknown_flag_gets_the_closest_known_one():

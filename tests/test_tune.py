@@ -21,7 +21,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import CONFIGS, Guarded, cli, error_of, free_port, run_guarded, wait_all
+from tests.helpers import CONFIGS, Guarded, cli, error_of, free_port, parse_error_of, run_guarded, wait_all
 
 # 500 training images in batches of 50, half of them a trial (the search's budget flag): 5 steps an epoch.
 TRIAL_FLAGS = [
@@ -218,9 +218,13 @@ def test_bad_search_file_is_one_line_and_the_study_is_untouched(study, search, e
     assert database.read_bytes() == before
 
 
-def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir):
+def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir, capsys):
     assert "--search nowhere.yaml: file does not exist" in error_of(*tune_args(mnist_dir, "nowhere.yaml", 2))
-    assert "--n_trials: expected a positive integer, got '0'" in error_of(*tune_args(mnist_dir, "s.yaml", 0))
+    # tune's own flags fail as fit's do: one line, exit status 2
+    n_trials = parse_error_of(capsys, *tune_args(mnist_dir, "s.yaml", 0))
+    assert "--n_trials: expected a positive integer, got '0'" in n_trials
+    no_search = parse_error_of(capsys, "tune", f"--data.data_dir={mnist_dir}")
+    assert "the following arguments are required: --search" in no_search
     (workdir / "broken.yaml").write_text("params: {model.lr: [0.1]\n")
     assert "--search broken.yaml: not valid YAML" in error_of(*tune_args(mnist_dir, "broken.yaml", 2))
     search = write_search(workdir)
