@@ -14,7 +14,6 @@ only stacks the 28x28 digits of requests that arrived together and runs one forw
 
 import asyncio
 import base64
-import binascii
 import contextvars
 import json
 import logging
@@ -59,10 +58,10 @@ class Refused(ValueError):
 
 def digit_of_upload(image: str, max_pixels: int) -> bytes:
     """``"image"``'s base64 as the MNIST-style digit's 28x28 uint8 pixels, or Refused saying why not."""
-    text = image.split(",", 1)[1] if image.startswith("data:") else image
+    text = image.split(",", 1)[-1] if image.startswith("data:") else image  # no comma: invalid below
     try:
         data = base64.b64decode(text, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or characters that are not ASCII at all
         raise Refused(f'"image" is not valid base64: {EXPECTED}') from None
     if not data:
         raise Refused(f'"image" is empty: {EXPECTED}')
@@ -188,6 +187,9 @@ class Body:
         content_type = dict(scope["headers"]).get(b"content-type", b"")
         if scope["path"] == "/predict" and content_type.startswith(b"application/json"):
             outcome = await anyio.to_thread.run_sync(self.decode, body, limiter=self.limiter)
+            if isinstance(outcome, Refused) and outcome.status == 400:  # a body FastAPI cannot parse either
+                await refusal(400, str(outcome))(scope, receive, send)
+                return
             if outcome is not None:
                 decoded.set(outcome)
         replayed = False
@@ -206,6 +208,8 @@ class Body:
         validation then says what is wrong with it)."""
         try:
             image = json.loads(body).get("image")
+        except RecursionError:  # e.g. [[[[...]]]]: FastAPI's own parsing would fail the same way
+            return Refused(f"the body is JSON nested too deeply: {EXPECTED}", 400)
         except (ValueError, AttributeError):
             return None
         if not isinstance(image, str):
