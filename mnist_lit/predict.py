@@ -73,14 +73,15 @@ class PredictionWriter(BasePredictionWriter):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Refuse before predicting anything, rather than after; an existing file is never replaced.
-        if stage == "predict" and self.output and Path(self.output).exists():
+        if stage != "predict" or not self.output:
+            return
+        if Path(self.output).exists():
             raise UserError(
                 f"{self.output} already exists: choose another --predictions.output, or move the file away"
             )
-        if stage == "predict" and self.output:
-            from mnist_lit.runs import check_writable
+        from mnist_lit.runs import check_writable
 
-            check_writable(Path(self.output), "--predictions.output")
+        check_writable(Path(self.output), "--predictions.output")
 
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices

@@ -227,10 +227,9 @@ def check_resumable(checkpoint: dict, path: Path, max_epochs: int | None) -> Non
 
 
 def check_writable(target: Path, flag: str) -> None:
-    """Raise UserError, naming ``flag``, unless a new file can be written at ``target`` (a file name, not a
-    folder; its folder is made if missing): checked before the work whose result it is to hold."""
-    if target.is_dir():
-        raise UserError(f"{flag} {target} is a folder: give the name of a file to write")
+    """Raise UserError, naming ``flag``, unless a new file can be written in ``target``'s folder (made if
+    missing): checked before the work whose result it is to hold. An existing ``target`` (a folder
+    included) is the caller's to refuse first."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=target.parent).close()
