@@ -291,12 +291,19 @@ class Study:
             "init_args": {"save_dir": str(self.folder.resolve()), "name": "trials", "version": run_dir.name},
         }
         args = [*self.fit_args, *(flag(k, v) for k, v in values.items()), flag("trainer.logger", logger)]
+        fit = None
         try:
             fit = build_fit(args, [PyTorchLightningPruningCallback(trial, monitor=METRIC)])
             fit.trainer.fit(fit.model, datamodule=fit.datamodule)
         except TrainingDiverged as err:  # a learning rate that blows up is as hopeless as one too small
             raise optuna.TrialPruned(str(err)) from None
         except (SIGTERMException, KeyboardInterrupt):  # Lightning ends a fit stopped by a signal with these
+            raise Interrupted(trial.number) from None
+        except SystemExit:
+            # Ctrl-C before training started (setup, the sanity check): Lightning ends the process with
+            # exit(1), which Optuna does not catch, and the trial would be left running. It is queued again.
+            if fit is None or not fit.trainer.interrupted:
+                raise
             raise Interrupted(trial.number) from None
         self.stopping = fit.trainer.received_sigterm
         trial.set_user_attr("epochs", fit.trainer.current_epoch)

@@ -290,7 +290,8 @@ def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mni
     wait_for_file(marker, run)
     run.proc.send_signal(signal.SIGINT)
     stopped = run.wait()
-    assert stopped.returncode != 0 and "Traceback" not in stopped.stderr, stopped.stderr[-5000:]
+    # Exit status 1, as a fit stopped by Ctrl-C exits (cli.MNISTCLI.fit, __main__.main).
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-5000:]
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("mnist_lit: error:")]
     assert errors == [
         "mnist_lit: error: interrupted: trial 0 stopped by a signal; it is queued to run again: run the same "
@@ -305,6 +306,31 @@ def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mni
     trials = trials_of(storage)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert retried_from(trials[1]) == 0 and trials[1].params == trials[0].params
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_a_trial_trains_queues_it_again(tmp_path, mnist_dir):
+    # Lightning ends a fit that Ctrl-C stops before training (here in the sanity check) with exit(1).
+    search = write_search(tmp_path, {"params": SEARCH["params"], "pruner": NO_PRUNING})
+    marker = tmp_path / "sanity-check-under-way"
+    args = [
+        *tune_args(mnist_dir, search, 2), "--trainer.callbacks+=tests.pacing.Moment",
+        f"--trainer.callbacks.marker={marker}", "--trainer.callbacks.phase=sanity_check",
+        "--trainer.callbacks.hold=120",
+    ]  # fmt: skip
+    run = Guarded(tune_command(*args), tmp_path, TIMEOUT)
+    wait_for_file(marker, run)
+    run.proc.send_signal(signal.SIGINT)
+    stopped = run.wait()
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-5000:]
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    assert errors == [
+        "mnist_lit: error: interrupted: trial 0 stopped by a signal; it is queued to run again: run the same "
+        "command again to go on"
+    ], stopped.stderr[-5000:]
+    storage = f"sqlite:///{tmp_path / 'tune/search/study.db'}"
+    assert [t.state.name for t in trials_of(storage)] == ["FAIL", "WAITING"]
+    assert not (tmp_path / "tune/search/trials/trial_000").exists()  # nothing trained: nothing to keep
 
 
 @pytest.mark.slow
