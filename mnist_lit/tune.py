@@ -16,6 +16,7 @@ import importlib
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -325,12 +326,16 @@ class Study:
 # ----------------------------------------------------------------------------------------------- storage
 
 
+# The password of a URL (scheme://user:password@host...) in any text, e.g. a URL SQLAlchemy cannot read.
+PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
 def masked(url: str) -> str:
     """The storage URL as it may be printed: its password replaced by ***."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: open_storage says so
-        return url
+    except Exception:  # not a URL SQLAlchemy can read (open_storage says so): its password hidden anyway
+        return PASSWORD.sub(r"\1***@", url)
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -372,10 +377,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             "pip install -e '.[tune]' (psycopg), for MySQL pip install pymysql and use mysql+pymysql://"
         ) from None
     except Exception as err:  # SQLAlchemy or the database driver, each in its own words
-        reason = first_line(err)
-        password = make_url(url).password if shown != url else None
-        if password:
-            reason = reason.replace(str(password), "***")
+        # Only a URL's password is hidden: the password alone may be a word of the message ("p" in "port").
+        reason = PASSWORD.sub(r"\1***@", first_line(err))
         raise UserError(f"--storage {shown} cannot be opened: {reason}") from None
 
 

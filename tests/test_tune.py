@@ -248,6 +248,24 @@ def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir, caps
     assert not (workdir / "tune" / "search" / "trials").exists()
 
 
+def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnist_dir):
+    # A real connection that fails (nothing listens on the port): the driver's words keep every "p".
+    search = write_search(workdir)
+    port = free_port()
+    message = error_of(
+        *tune_args(mnist_dir, search, 2, f"--storage=postgresql://mnist:p@127.0.0.1:{port}/optuna")
+    )
+    shown = f"--storage postgresql://mnist:***@127.0.0.1:{port}/optuna cannot be opened: "
+    assert shown in message and message.count("***") == 1, message
+    assert f"port {port} failed" in message.split(shown, 1)[1], message
+    # A URL SQLAlchemy cannot read is shown with its password hidden too.
+    message = error_of(
+        *tune_args(mnist_dir, search, 2, "--storage=postgresql://mnist:s3cret-pw@127.0.0.1:x/db")
+    )
+    assert "--storage postgresql://mnist:***@127.0.0.1:x/db cannot be opened: " in message, message
+    assert "s3cret-pw" not in message
+
+
 # ---------------------------------------------------------------------------- processes (slow)
 
 
