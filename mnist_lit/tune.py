@@ -338,6 +338,43 @@ def masked(url: str) -> str:
         return PASSWORD.sub(r"\1***@", url)
 
 
+def storage_flag(text: str) -> str:
+    """--storage as given, unless it names an in-memory SQLite database (argparse's type check: exit 2)."""
+    try:
+        url = make_url(text)
+    except Exception:  # a journal file's path, or a URL that open_storage says is wrong
+        return text
+    if url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text} is an in-memory database, gone when the process ends and seen by no other worker: "
+            "a search's storage must be kept and shared; give a file (sqlite:///study.db) or a server"
+        )
+    return text
+
+
+def check_journal(path: str) -> None:
+    """Refuse an existing file that is not an Optuna journal, before Optuna appends a line to it."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"--storage {path}: is a folder, not a journal file")
+    if not file.is_file():
+        return  # Optuna makes it
+    with file.open("rb") as f:
+        first = f.readline(1 << 20)  # a bounded read: a big binary file may have no newline at all
+    # Optuna's journal is JSON lines, each an operation with an op_code; an empty file is a new journal.
+    try:
+        entry = json.loads(first) if first.endswith(b"\n") else None
+    except ValueError:  # not JSON, or not UTF-8
+        entry = None
+    if first and not (isinstance(entry, dict) and "op_code" in entry):
+        raise UserError(
+            f"--storage {path}: not an Optuna journal file (its first line is not a journal entry); give a "
+            "new file's path, a database URL, or the journal of the study"
+        )
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Optuna's storage for ``--storage``: a database (RDB storage, with heartbeats and the retry of a dead
     worker's trial), or a journal file's path (for a shared filesystem without a database server)."""
@@ -345,6 +382,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" not in url:
         if not Path(url).resolve().parent.is_dir():
             raise UserError(f"--storage {url}: folder {Path(url).parent} does not exist")
+        check_journal(url)
         # Journal files keep no heartbeats: a killed worker's trial stays "running" there (docs/tune.md).
         return JournalStorage(JournalFileBackend(url))
     # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
@@ -517,9 +555,9 @@ def tune_parser() -> TuneParser:
     parser.add_argument(
         "--n_trials", type=positive, default=20, help="Finished trials the study is to have (default 20)."
     )
-    parser.add_argument("--storage", help="Optuna's storage, a database URL (sqlite:///..., postgresql://..."
-                        ", mysql+pymysql://...) or a journal file's path; default sqlite:///tune/<study_name>/"
-                        "study.db.")  # fmt: skip
+    parser.add_argument("--storage", type=storage_flag, help="Optuna's storage, a database URL (sqlite:///"
+                        "..., postgresql://..., mysql+pymysql://...) or a journal file's path; default sqlite:///"
+                        "tune/<study_name>/study.db.")  # fmt: skip
     parser.add_argument("--study_name", help="The study's name and folder tune/<study_name>/; default the "
                         "search file's name.")  # fmt: skip
     return parser

@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -264,6 +265,50 @@ def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnis
     )
     assert "--storage postgresql://mnist:***@127.0.0.1:x/db cannot be opened: " in message, message
     assert "s3cret-pw" not in message
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:"]
+)
+def test_an_in_memory_storage_is_refused_as_a_bad_flag(workdir, mnist_dir, capsys, url):
+    line = parse_error_of(capsys, *tune_args(mnist_dir, write_search(workdir), 2, f"--storage={url}"))
+    assert f"argument --storage: {url} is an in-memory database" in line
+    assert "a search's storage must be kept and shared" in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["search.yaml"]
+
+
+def sqlite_file(path: Path) -> Path:
+    """A real SQLite database of another program, under a name that looks like a journal's."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.execute("INSERT INTO notes VALUES ('keep me')")
+    return path
+
+
+# Files that are not Optuna journals, as a user may point --storage at them: a name and its bytes.
+NOT_JOURNALS = {
+    "text": ("notes.log", b"remember the milk"),  # one line: Optuna would append to it before reading it
+    "csv": ("runs.csv", b"trial,acc\n0,0.99\n1,0.98\n"),
+    "json": ("data.log", b'{"trial": 0, "acc": 0.99}\n'),  # JSON lines, but not Optuna's
+    "sqlite": ("x.log", None),  # a real SQLite database (sqlite_file)
+}
+
+
+@pytest.mark.parametrize("kind", NOT_JOURNALS)
+def test_a_storage_file_that_is_not_a_journal_is_refused_and_left_as_it_was(workdir, mnist_dir, kind):
+    name, contents = NOT_JOURNALS[kind]
+    path = workdir / name
+    if contents is None:
+        sqlite_file(path)
+    else:
+        path.write_bytes(contents)
+    before = path.read_bytes()
+    message = error_of(*tune_args(mnist_dir, write_search(workdir), 2, f"--storage={path.name}"))
+    assert message == (
+        f"mnist_lit: error: --storage {path.name}: not an Optuna journal file (its first line is not a "
+        "journal entry); give a new file's path, a database URL, or the journal of the study"
+    )
+    assert path.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------- processes (slow)
