@@ -218,12 +218,20 @@ class Study:
             self.parser.exit_on_error = True
 
     def open(self, storage: str | None) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         url = storage or f"sqlite:///{self.folder / 'study.db'}"
         self.storage_shown = masked(url)
+        # A journal or SQLite file not made yet holds no trials, and is not made if check_folder refuses.
+        file = stored_file(url)
+        backend = None if file is not None and not file.exists() else open_storage(url)
+        self.check_folder(url, backend)
+        if storage is None:  # the default database is made in the study's folder
+            self.folder.mkdir(parents=True, exist_ok=True)
+        if backend is None:
+            backend = open_storage(url)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.study = optuna.create_study(
             study_name=self.name,
-            storage=open_storage(url),
+            storage=backend,
             direction="maximize",
             sampler=self.sampler,
             pruner=self.pruner,
@@ -236,6 +244,34 @@ class Study:
                 self._check_name(name)
             wanted = {k: v for k, v in params.items() if k in self.space}
             self.study.enqueue_trial(wanted, skip_if_exists=True)
+
+    def check_folder(self, url: str, storage: optuna.storages.BaseStorage | None) -> None:
+        """Refuse to start if the study's folder holds trial folders that are not this study's trials.
+
+        Trial folders are named by trial number, and a study of the same name in another storage (or one
+        made again) numbers its trials from 0 too: its trials would run into the other study's folders.
+        """
+        on_disk = sorted(p.name for p in (self.folder / "trials").glob("trial_*"))
+        if not on_disk:
+            return
+        trials = []
+        try:
+            if storage is not None:
+                trials = optuna.load_study(study_name=self.name, storage=storage).get_trials(deepcopy=False)
+        except KeyError:  # no study of that name in this storage yet
+            pass
+        ours = {f"trial_{t.number:03d}" for t in trials}
+        strays = [name for name in on_disk if name not in ours]
+        if not strays:
+            return
+        own, file = self.folder / "study.db", stored_file(url)  # the folder's default database, if it has one
+        own_elsewhere = own.is_file() and (file is None or file.resolve() != own.resolve())
+        where = f"--storage sqlite:///{own}" if own_elsewhere else "the --storage it was run with"
+        raise UserError(
+            f"{self.folder}/trials/ holds {', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''} of "
+            f"another study {self.name!r}, not in {self.storage_shown}: give another --study_name, or "
+            f"{where}"
+        )
 
     def taken(self, before: int | None = None) -> tuple[int, int]:
         """(finished, running) trials of the whole study, every worker's; those numbered below ``before``.
@@ -336,6 +372,17 @@ def masked(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy can read (open_storage says so): its password hidden anyway
         return PASSWORD.sub(r"\1***@", url)
+
+
+def stored_file(url: str) -> Path | None:
+    """The local file a journal path or an SQLite URL names; None for a database server."""
+    if "://" not in url:
+        return Path(url)
+    try:
+        parsed = make_url(url)
+    except Exception:  # open_storage says what is wrong with it
+        return None
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
 
 
 def storage_flag(text: str) -> str:

@@ -246,7 +246,7 @@ def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir, caps
     message = storage_error("mysql://mnist:s3cret-pw@127.0.0.1/optuna")  # mysqlclient: not installed here
     assert "--storage mysql://mnist:***@127.0.0.1/optuna: no database driver for mysql://" in message
     assert "pip install pymysql and use mysql+pymysql://" in message and "s3cret-pw" not in message
-    assert not (workdir / "tune" / "search" / "trials").exists()
+    assert not (workdir / "tune").exists()  # no study folder is made for a storage that cannot be opened
 
 
 def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnist_dir):
@@ -265,6 +265,7 @@ def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnis
     )
     assert "--storage postgresql://mnist:***@127.0.0.1:x/db cannot be opened: " in message, message
     assert "s3cret-pw" not in message
+    assert not (workdir / "tune").exists()
 
 
 @pytest.mark.parametrize(
@@ -309,6 +310,23 @@ def test_a_storage_file_that_is_not_a_journal_is_refused_and_left_as_it_was(work
         "journal entry); give a new file's path, a database URL, or the journal of the study"
     )
     assert path.read_bytes() == before
+    assert sorted(p.name for p in workdir.iterdir()) == sorted([path.name, "search.yaml"])
+
+
+def test_the_study_folder_of_a_study_in_another_storage_is_refused_before_any_trial(study):
+    root, _ = study
+    folder = root / "tune/search"
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        message = error_of(*tune_args("unused", root / "search.yaml", 4, "--storage=other.log"))
+    db = Path("tune/search/study.db")
+    assert message == (
+        f"mnist_lit: error: {Path('tune/search')}/trials/ holds trial_000, trial_001, trial_002 of another "
+        f"study 'search', not in other.log: give another --study_name, or --storage sqlite:///{db}"
+    )
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no other.log, no trial folder
+    assert len(trials_of(f"sqlite:///{folder / 'study.db'}")) == 3
 
 
 # ---------------------------------------------------------------------------- processes (slow)
@@ -500,6 +518,15 @@ def test_a_journal_file_holds_the_study(workdir, mnist_dir):
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend("study.log"))
     assert [t.state.name for t in trials_of(storage)] == ["COMPLETE", "COMPLETE"], output
     assert (workdir / "tune/search/best.yaml").is_file()
+    # The default storage (tune/search/study.db) does not hold those trials: refused, and no study.db made.
+    message = error_of(*tune_args(mnist_dir, search, 3))
+    assert message == (
+        f"mnist_lit: error: {Path('tune/search')}/trials/ holds trial_000, trial_001 of another study "
+        f"'search', not in sqlite:///{Path('tune/search/study.db')}: give another --study_name, or the "
+        "--storage it was run with"
+    )
+    assert not (workdir / "tune/search/study.db").exists()
+    assert len(trials_of(storage)) == 2
 
 
 @pytest.mark.parametrize("search_file", sorted(p.name for p in CONFIGS.glob("*search.yaml")))
