@@ -16,6 +16,7 @@ import importlib
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -217,12 +218,20 @@ class Study:
             self.parser.exit_on_error = True
 
     def open(self, storage: str | None) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         url = storage or f"sqlite:///{self.folder / 'study.db'}"
         self.storage_shown = masked(url)
+        # A journal or SQLite file not made yet holds no trials, and is not made if check_folder refuses.
+        file = stored_file(url)
+        backend = None if file is not None and not file.exists() else open_storage(url)
+        self.check_folder(url, backend)
+        if storage is None:  # the default database is made in the study's folder
+            self.folder.mkdir(parents=True, exist_ok=True)
+        if backend is None:
+            backend = open_storage(url)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.study = optuna.create_study(
             study_name=self.name,
-            storage=open_storage(url),
+            storage=backend,
             direction="maximize",
             sampler=self.sampler,
             pruner=self.pruner,
@@ -235,6 +244,34 @@ class Study:
                 self._check_name(name)
             wanted = {k: v for k, v in params.items() if k in self.space}
             self.study.enqueue_trial(wanted, skip_if_exists=True)
+
+    def check_folder(self, url: str, storage: optuna.storages.BaseStorage | None) -> None:
+        """Refuse to start if the study's folder holds trial folders that are not this study's trials.
+
+        Trial folders are named by trial number, and a study of the same name in another storage (or one
+        made again) numbers its trials from 0 too: its trials would run into the other study's folders.
+        """
+        on_disk = sorted(p.name for p in (self.folder / "trials").glob("trial_*"))
+        if not on_disk:
+            return
+        trials = []
+        try:
+            if storage is not None:
+                trials = optuna.load_study(study_name=self.name, storage=storage).get_trials(deepcopy=False)
+        except KeyError:  # no study of that name in this storage yet
+            pass
+        ours = {f"trial_{t.number:03d}" for t in trials}
+        strays = [name for name in on_disk if name not in ours]
+        if not strays:
+            return
+        own, file = self.folder / "study.db", stored_file(url)  # the folder's default database, if it has one
+        own_elsewhere = own.is_file() and (file is None or file.resolve() != own.resolve())
+        where = f"--storage sqlite:///{own}" if own_elsewhere else "the --storage it was run with"
+        raise UserError(
+            f"{self.folder}/trials/ holds {', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''} of "
+            f"another study {self.name!r}, not in {self.storage_shown}: give another --study_name, or "
+            f"{where}"
+        )
 
     def taken(self, before: int | None = None) -> tuple[int, int]:
         """(finished, running) trials of the whole study, every worker's; those numbered below ``before``.
@@ -291,12 +328,19 @@ class Study:
             "init_args": {"save_dir": str(self.folder.resolve()), "name": "trials", "version": run_dir.name},
         }
         args = [*self.fit_args, *(flag(k, v) for k, v in values.items()), flag("trainer.logger", logger)]
+        fit = None
         try:
             fit = build_fit(args, [PyTorchLightningPruningCallback(trial, monitor=METRIC)])
             fit.trainer.fit(fit.model, datamodule=fit.datamodule)
         except TrainingDiverged as err:  # a learning rate that blows up is as hopeless as one too small
             raise optuna.TrialPruned(str(err)) from None
         except (SIGTERMException, KeyboardInterrupt):  # Lightning ends a fit stopped by a signal with these
+            raise Interrupted(trial.number) from None
+        except SystemExit:
+            # Ctrl-C before training started (setup, the sanity check): Lightning ends the process with
+            # exit(1), which Optuna does not catch, and the trial would be left running. It is queued again.
+            if fit is None or not fit.trainer.interrupted:
+                raise
             raise Interrupted(trial.number) from None
         self.stopping = fit.trainer.received_sigterm
         trial.set_user_attr("epochs", fit.trainer.current_epoch)
@@ -318,12 +362,64 @@ class Study:
 # ----------------------------------------------------------------------------------------------- storage
 
 
+# The password of a URL (scheme://user:password@host...) in any text, e.g. a URL SQLAlchemy cannot read.
+PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
 def masked(url: str) -> str:
     """The storage URL as it may be printed: its password replaced by ***."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: open_storage says so
-        return url
+    except Exception:  # not a URL SQLAlchemy can read (open_storage says so): its password hidden anyway
+        return PASSWORD.sub(r"\1***@", url)
+
+
+def stored_file(url: str) -> Path | None:
+    """The local file a journal path or an SQLite URL names; None for a database server."""
+    if "://" not in url:
+        return Path(url)
+    try:
+        parsed = make_url(url)
+    except Exception:  # open_storage says what is wrong with it
+        return None
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
+def storage_flag(text: str) -> str:
+    """--storage as given, unless it names an in-memory SQLite database (argparse's type check: exit 2)."""
+    try:
+        url = make_url(text)
+    except Exception:  # a journal file's path, or a URL that open_storage says is wrong
+        return text
+    if url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text} is an in-memory database, gone when the process ends and seen by no other worker: "
+            "a search's storage must be kept and shared; give a file (sqlite:///study.db) or a server"
+        )
+    return text
+
+
+def check_journal(path: str) -> None:
+    """Refuse an existing file that is not an Optuna journal, before Optuna appends a line to it."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"--storage {path}: is a folder, not a journal file")
+    if not file.is_file():
+        return  # Optuna makes it
+    with file.open("rb") as f:
+        first = f.readline(1 << 20)  # a bounded read: a big binary file may have no newline at all
+    # Optuna's journal is JSON lines, each an operation with an op_code; an empty file is a new journal.
+    try:
+        entry = json.loads(first) if first.endswith(b"\n") else None
+    except ValueError:  # not JSON, or not UTF-8
+        entry = None
+    if first and not (isinstance(entry, dict) and "op_code" in entry):
+        raise UserError(
+            f"--storage {path}: not an Optuna journal file (its first line is not a journal entry); give a "
+            "new file's path, a database URL, or the journal of the study"
+        )
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -333,6 +429,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" not in url:
         if not Path(url).resolve().parent.is_dir():
             raise UserError(f"--storage {url}: folder {Path(url).parent} does not exist")
+        check_journal(url)
         # Journal files keep no heartbeats: a killed worker's trial stays "running" there (docs/tune.md).
         return JournalStorage(JournalFileBackend(url))
     # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
@@ -365,10 +462,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             "pip install -e '.[tune]' (psycopg), for MySQL pip install pymysql and use mysql+pymysql://"
         ) from None
     except Exception as err:  # SQLAlchemy or the database driver, each in its own words
-        reason = first_line(err)
-        password = make_url(url).password if shown != url else None
-        if password:
-            reason = reason.replace(str(password), "***")
+        # Only a URL's password is hidden: the password alone may be a word of the message ("p" in "port").
+        reason = PASSWORD.sub(r"\1***@", first_line(err))
         raise UserError(f"--storage {shown} cannot be opened: {reason}") from None
 
 
@@ -507,9 +602,9 @@ def tune_parser() -> TuneParser:
     parser.add_argument(
         "--n_trials", type=positive, default=20, help="Finished trials the study is to have (default 20)."
     )
-    parser.add_argument("--storage", help="Optuna's storage, a database URL (sqlite:///..., postgresql://..."
-                        ", mysql+pymysql://...) or a journal file's path; default sqlite:///tune/<study_name>/"
-                        "study.db.")  # fmt: skip
+    parser.add_argument("--storage", type=storage_flag, help="Optuna's storage, a database URL (sqlite:///"
+                        "..., postgresql://..., mysql+pymysql://...) or a journal file's path; default sqlite:///"
+                        "tune/<study_name>/study.db.")  # fmt: skip
     parser.add_argument("--study_name", help="The study's name and folder tune/<study_name>/; default the "
                         "search file's name.")  # fmt: skip
     return parser

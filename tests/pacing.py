@@ -49,7 +49,8 @@ class Moment(L.Callback):
     Phases: ``step`` (after a training batch's forward pass, before backward's gradient all-reduce),
     ``step_end`` (after a training step, before the per-step stop decision), ``validation`` (a validation
     batch), ``checkpoint`` (a checkpoint being saved, before it is written), ``epoch_end`` (the training
-    epoch's end, before its collectives). Every batch also sleeps ``ms``, to spread the steps out.
+    epoch's end, before its collectives), ``sanity_check`` (its start, before training starts). Every
+    batch also sleeps ``ms``, to spread the steps out.
     """
 
     def __init__(
@@ -69,6 +70,9 @@ class Moment(L.Callback):
             self.marker.touch()
         if trainer.global_rank == self.hold_rank:
             time.sleep(self.hold)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.reached(trainer, "sanity_check")
 
     def on_before_backward(self, trainer: L.Trainer, pl_module, loss) -> None:
         self.reached(trainer, "step")

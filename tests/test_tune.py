@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -245,7 +246,87 @@ def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir, caps
     message = storage_error("mysql://mnist:s3cret-pw@127.0.0.1/optuna")  # mysqlclient: not installed here
     assert "--storage mysql://mnist:***@127.0.0.1/optuna: no database driver for mysql://" in message
     assert "pip install pymysql and use mysql+pymysql://" in message and "s3cret-pw" not in message
-    assert not (workdir / "tune" / "search" / "trials").exists()
+    assert not (workdir / "tune").exists()  # no study folder is made for a storage that cannot be opened
+
+
+def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnist_dir):
+    # A real connection that fails (nothing listens on the port): the driver's words keep every "p".
+    search = write_search(workdir)
+    port = free_port()
+    message = error_of(
+        *tune_args(mnist_dir, search, 2, f"--storage=postgresql://mnist:p@127.0.0.1:{port}/optuna")
+    )
+    shown = f"--storage postgresql://mnist:***@127.0.0.1:{port}/optuna cannot be opened: "
+    assert shown in message and message.count("***") == 1, message
+    assert f"port {port} failed" in message.split(shown, 1)[1], message
+    # A URL SQLAlchemy cannot read is shown with its password hidden too.
+    message = error_of(
+        *tune_args(mnist_dir, search, 2, "--storage=postgresql://mnist:s3cret-pw@127.0.0.1:x/db")
+    )
+    assert "--storage postgresql://mnist:***@127.0.0.1:x/db cannot be opened: " in message, message
+    assert "s3cret-pw" not in message
+    assert not (workdir / "tune").exists()
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:"]
+)
+def test_an_in_memory_storage_is_refused_as_a_bad_flag(workdir, mnist_dir, capsys, url):
+    line = parse_error_of(capsys, *tune_args(mnist_dir, write_search(workdir), 2, f"--storage={url}"))
+    assert f"argument --storage: {url} is an in-memory database" in line
+    assert "a search's storage must be kept and shared" in line
+    assert sorted(p.name for p in workdir.iterdir()) == ["search.yaml"]
+
+
+def sqlite_file(path: Path) -> Path:
+    """A real SQLite database of another program, under a name that looks like a journal's."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.execute("INSERT INTO notes VALUES ('keep me')")
+    return path
+
+
+# Files that are not Optuna journals, as a user may point --storage at them: a name and its bytes.
+NOT_JOURNALS = {
+    "text": ("notes.log", b"remember the milk"),  # one line: Optuna would append to it before reading it
+    "csv": ("runs.csv", b"trial,acc\n0,0.99\n1,0.98\n"),
+    "json": ("data.log", b'{"trial": 0, "acc": 0.99}\n'),  # JSON lines, but not Optuna's
+    "sqlite": ("x.log", None),  # a real SQLite database (sqlite_file)
+}
+
+
+@pytest.mark.parametrize("kind", NOT_JOURNALS)
+def test_a_storage_file_that_is_not_a_journal_is_refused_and_left_as_it_was(workdir, mnist_dir, kind):
+    name, contents = NOT_JOURNALS[kind]
+    path = workdir / name
+    if contents is None:
+        sqlite_file(path)
+    else:
+        path.write_bytes(contents)
+    before = path.read_bytes()
+    message = error_of(*tune_args(mnist_dir, write_search(workdir), 2, f"--storage={path.name}"))
+    assert message == (
+        f"mnist_lit: error: --storage {path.name}: not an Optuna journal file (its first line is not a "
+        "journal entry); give a new file's path, a database URL, or the journal of the study"
+    )
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in workdir.iterdir()) == sorted([path.name, "search.yaml"])
+
+
+def test_the_study_folder_of_a_study_in_another_storage_is_refused_before_any_trial(study):
+    root, _ = study
+    folder = root / "tune/search"
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        message = error_of(*tune_args("unused", root / "search.yaml", 4, "--storage=other.log"))
+    db = Path("tune/search/study.db")
+    assert message == (
+        f"mnist_lit: error: {Path('tune/search')}/trials/ holds trial_000, trial_001, trial_002 of another "
+        f"study 'search', not in other.log: give another --study_name, or --storage sqlite:///{db}"
+    )
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no other.log, no trial folder
+    assert len(trials_of(f"sqlite:///{folder / 'study.db'}")) == 3
 
 
 # ---------------------------------------------------------------------------- processes (slow)
@@ -290,7 +371,8 @@ def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mni
     wait_for_file(marker, run)
     run.proc.send_signal(signal.SIGINT)
     stopped = run.wait()
-    assert stopped.returncode != 0 and "Traceback" not in stopped.stderr, stopped.stderr[-5000:]
+    # Exit status 1, as a fit stopped by Ctrl-C exits (cli.MNISTCLI.fit, __main__.main).
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-5000:]
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("mnist_lit: error:")]
     assert errors == [
         "mnist_lit: error: interrupted: trial 0 stopped by a signal; it is queued to run again: run the same "
@@ -305,6 +387,31 @@ def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mni
     trials = trials_of(storage)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert retried_from(trials[1]) == 0 and trials[1].params == trials[0].params
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_a_trial_trains_queues_it_again(tmp_path, mnist_dir):
+    # Lightning ends a fit that Ctrl-C stops before training (here in the sanity check) with exit(1).
+    search = write_search(tmp_path, {"params": SEARCH["params"], "pruner": NO_PRUNING})
+    marker = tmp_path / "sanity-check-under-way"
+    args = [
+        *tune_args(mnist_dir, search, 2), "--trainer.callbacks+=tests.pacing.Moment",
+        f"--trainer.callbacks.marker={marker}", "--trainer.callbacks.phase=sanity_check",
+        "--trainer.callbacks.hold=120",
+    ]  # fmt: skip
+    run = Guarded(tune_command(*args), tmp_path, TIMEOUT)
+    wait_for_file(marker, run)
+    run.proc.send_signal(signal.SIGINT)
+    stopped = run.wait()
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-5000:]
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("mnist_lit: error:")]
+    assert errors == [
+        "mnist_lit: error: interrupted: trial 0 stopped by a signal; it is queued to run again: run the same "
+        "command again to go on"
+    ], stopped.stderr[-5000:]
+    storage = f"sqlite:///{tmp_path / 'tune/search/study.db'}"
+    assert [t.state.name for t in trials_of(storage)] == ["FAIL", "WAITING"]
+    assert not (tmp_path / "tune/search/trials/trial_000").exists()  # nothing trained: nothing to keep
 
 
 @pytest.mark.slow
@@ -411,6 +518,15 @@ def test_a_journal_file_holds_the_study(workdir, mnist_dir):
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend("study.log"))
     assert [t.state.name for t in trials_of(storage)] == ["COMPLETE", "COMPLETE"], output
     assert (workdir / "tune/search/best.yaml").is_file()
+    # The default storage (tune/search/study.db) does not hold those trials: refused, and no study.db made.
+    message = error_of(*tune_args(mnist_dir, search, 3))
+    assert message == (
+        f"mnist_lit: error: {Path('tune/search')}/trials/ holds trial_000, trial_001 of another study "
+        f"'search', not in sqlite:///{Path('tune/search/study.db')}: give another --study_name, or the "
+        "--storage it was run with"
+    )
+    assert not (workdir / "tune/search/study.db").exists()
+    assert len(trials_of(storage)) == 2
 
 
 @pytest.mark.parametrize("search_file", sorted(p.name for p in CONFIGS.glob("*search.yaml")))
