@@ -10,6 +10,7 @@ import contextlib
 import csv
 import inspect
 import io
+import json
 import os
 import re
 import shutil
@@ -42,12 +43,17 @@ from tests.helpers import (
 from tests.test_images import jpeg_declaring, png_bomb
 
 BATCH_LINE = re.compile(r"^serve: batch of (\d+) in", re.MULTILINE)
+MAX_PIXELS_FLAG = 49_500_000  # the module's server's --max_pixels
 
 
 def encoded(picture: Image.Image, format: str = "PNG") -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def b64(data: bytes) -> dict:
+    return {"image": base64.b64encode(data).decode()}
 
 
 def pictures() -> dict[str, Image.Image]:
@@ -78,8 +84,11 @@ def run_folder(tmp_path_factory, trained_run) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run_folder):
-    # A long batch window, so that requests sent together are batched even on a crowded machine.
-    with running_server(run_folder, "--batch_timeout=0.25", "--body_timeout=3") as server:
+    # A long batch window, so that requests sent together are batched even on a crowded machine; a pixel
+    # budget under the default (50 MP) but over the largest test image (49 MP), so that an upload decoded
+    # with the default instead of the flag shows.
+    flags = ["--batch_timeout=0.25", "--body_timeout=3", f"--max_pixels={MAX_PIXELS_FLAG}"]
+    with running_server(run_folder, *flags) as server:
         yield server
 
 
@@ -136,6 +145,9 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
     png = base64.b64decode(encoded(pictures()["a.png"]))
     big = b"x" * (50 * 2**20)
     as_json, as_text = {"Content-Type": "application/json"}, {"Content-Type": "text/plain"}
+    good = json.dumps({"image": encoded(pictures()["a.png"])}).encode()
+    over = json.dumps(b64(png_bomb(7100, 7000))).encode()  # 49.7 MP: over the flag, under the default
+    over_words = "7100x7000 pixels (49.7 megapixels), more than the 49.5 megapixels allowed (--max_pixels)"
     return {
         "not an image": ({"json": {"image": base64.b64encode(b"hello").decode()}}, 422, "not an image"),
         "truncated PNG": ({"json": {"image": base64.b64encode(png[:-40]).decode()}}, 422, "decoded"),
@@ -156,6 +168,20 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
         "JSON as text/plain": ({"data": b'{"image": "x"}', "headers": as_text}, 415, "text/plain"),
         "50 MB body": ({"data": big, "headers": as_json}, 413, "limit"),
         "50 MB chunked": ({"data": iter([big[:2**20]] * 50)}, 413, "limit"),
+        "over --max_pixels": ({"data": over, "headers": as_json}, 413, over_words),
+        # Media types are case-insensitive (RFC 9110): this one was decoded with the default budget.
+        "Application/JSON over --max_pixels": (
+            {"data": over, "headers": {"Content-Type": "Application/JSON; charset=UTF-8"}}, 413, over_words,
+        ),
+        "JSON as application/jsonx": (
+            {"data": good, "headers": {"Content-Type": "application/jsonx"}}, 415, "as application/jsonx:",
+        ),
+        "JSON as application/problem+json": (
+            {"data": good, "headers": {"Content-Type": "application/problem+json"}}, 415, "problem+json",
+        ),
+        "JSON without a content type": ({"data": good}, 415, "sent as no content type"),
+        "invalid UTF-8": ({"data": b'{"image": "\xff"}', "headers": as_json}, 400, "not UTF-8 text"),
+        "a GIF": ({"json": {"image": encoded(pictures()["a.png"], "GIF")}}, 422, '"image" is a GIF file'),
     }  # fmt: skip
 
 
@@ -386,10 +412,6 @@ def test_litserve_still_logs_the_monitor_message_that_serve_filters_while_stoppi
 
 
 # --- Hostile and large images over HTTP -----------------------------------------------------------------
-
-
-def b64(data: bytes) -> dict:
-    return {"image": base64.b64encode(data).decode()}
 
 
 @pytest.mark.slow
