@@ -314,12 +314,7 @@ def serve_process(folder: Path, *args: str, env: dict | None = None, timeout: fl
     """`serve ARGS` in a session of its own, until /health says ok; yields (Popen, url, log). Whatever is
     left of the session afterwards is killed, so that a failing test leaves no server behind."""
     port = free_port()
-    log = folder / f"serve_{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}", *args], cwd=folder,
-            env=env or subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    process, log = start_serve(folder, port, *args, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -332,10 +327,26 @@ def serve_process(folder: Path, *args: str, env: dict | None = None, timeout: fl
             time.sleep(0.5)
         yield process, url, log
     finally:
-        for pid in session_processes(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        kill_session(process)
+
+
+def start_serve(folder: Path, port: int, *args: str, env: dict | None = None, name: str = "serve"):
+    """`serve --port=PORT ARGS` in a session of its own; (Popen, the log of its stdout and stderr)."""
+    log = folder / f"{name}_{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}", *args], cwd=folder,
+            env=env or subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return process, log
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL to what is left of ``process``'s session, so that a failing test leaves no server behind."""
+    for pid in session_processes(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -401,6 +412,46 @@ def test_a_signal_while_the_model_loads_stops_everything_too(run_folder):
         for pid in session_processes(process.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_serves_started_at_once_on_one_port_one_serves_and_the_other_says_the_port_is_taken(run_folder):
+    port = free_port()
+    # Back to back: both pass the check for a listening socket long before either one's server listens.
+    runs = [start_serve(run_folder, port, name=f"twin{i}") for i in range(2)]
+    url = f"http://127.0.0.1:{port}"
+
+    def logs() -> str:
+        return "\n".join(f"--- {log.name}:\n{log.read_text()}" for _, log in runs)
+
+    def serving() -> bool:
+        with contextlib.suppress(OSError):  # refused while it starts
+            return requests.get(f"{url}/health", timeout=5).text == "ok"
+        return False
+
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            ended = [(process, log) for process, log in runs if process.poll() is not None]
+            if len(ended) == 1 and serving():
+                break
+            assert len(ended) < 2, f"both serves exited:\n{logs()}"
+            assert time.monotonic() < deadline, f"not one serving and one exited within 300 s:\n{logs()}"
+            time.sleep(0.5)
+        [(loser, log)] = ended
+        assert loser.returncode != 0
+        lines = log.read_text().strip().splitlines()
+        errors = [line for line in lines if "error" in line]
+        assert errors == [lines[-1]] and "Traceback" not in log.read_text(), log.read_text()
+        assert lines[-1] == (
+            f"mnist_lit: error: --port {port} is already in use on 127.0.0.1: stop what listens there, or "
+            "choose another --port"
+        )
+        [(winner, _)] = [run for run in runs if run[0] is not loser]
+        assert winner.poll() is None and serving(), logs()
+    finally:
+        for process, _ in runs:
+            kill_session(process)
 
 
 def test_litserve_still_logs_the_monitor_message_that_serve_filters_while_stopping():
