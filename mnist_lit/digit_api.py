@@ -14,6 +14,7 @@ only stacks the 28x28 digits of requests that arrived together and runs one forw
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import io
 import json
@@ -43,8 +44,10 @@ from mnist_lit.images import SIZE, TooManyPixels, mnist_digit
 from mnist_lit.lessons import block_maps, first_filters
 
 EXPECTED = 'send JSON {"image": "<base64 of a PNG or JPEG file>"}'
-# Seconds that in-flight requests get to finish after SIGTERM or SIGINT before the server stops anyway.
+# Seconds that in-flight requests get to finish after a stopping signal before the server stops anyway.
 DRAIN_SECONDS = 5.0
+# The signals that stop the server cleanly: kill's default, Ctrl-C, and the terminal closing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # How each file the API takes begins: PNG's signature, JPEG's start of image (a phone's MPO photo too).
 # images.py reads whatever PIL does (predict takes GIF, BMP, WebP, TIFF); the API promises PNG or JPEG.
 PNG_OR_JPEG = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
@@ -364,7 +367,7 @@ def run_server(
     max_pixels: int,
     api_key: str | None,
 ) -> None:
-    """Start LitServe; blocks until Ctrl-C, SIGINT or SIGTERM, then drains and stops every process."""
+    """Start LitServe; blocks until Ctrl-C or one of STOP_SIGNALS, then drains and stops every process."""
     # The forked HTTP processes decode one image per request: intra-op threads there only contend for cores.
     torch.set_num_threads(1)
     api = DigitAPI(checkpoint, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
@@ -385,25 +388,31 @@ def run_server(
         pass
     finally:
         stop_children()
-    print("serve: stopped", flush=True)
+    say("serve: stopped")
+
+
+def say(line: str) -> None:
+    """Print ``line``; after SIGHUP the terminal may be gone (EIO), and stopping must go on without it."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 def stop_on_signals() -> None:
-    """SIGTERM (``kill``, ``timeout``, a container runtime) stops the server as Ctrl-C does: LitServe's run
-    takes a KeyboardInterrupt as the cue to drain and stop its processes. Only the first signal counts,
-    so that a second one cannot cut the draining short and leave processes behind."""
+    """SIGTERM (``kill``, ``timeout``, a container runtime) and SIGHUP (the terminal closing, ``kill -HUP``)
+    stop the server as Ctrl-C does: LitServe's run takes a KeyboardInterrupt as the cue to drain and stop
+    its processes. (SIGHUP's default would end this process alone and leave LitServe's serving the port.)
+    Only the first signal counts, so that a second one cannot cut the draining short and leave processes
+    behind."""
 
     def stop(signum: int, frame: object) -> None:
         logging.getLogger("litserve.server").addFilter(MonitorAfterStop())
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(
-            f"serve: {signal.Signals(signum).name}: finishing requests in flight, then stopping", flush=True
-        )
+        for each in STOP_SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        say(f"serve: {signal.Signals(signum).name}: finishing requests in flight, then stopping")
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for each in STOP_SIGNALS:
+        signal.signal(each, stop)
     # Processes forked from here (LitServe's HTTP server and its manager) get the defaults back.
     os.register_at_fork(after_in_child=restore_default_signals)
 
@@ -424,6 +433,7 @@ class MonitorAfterStop(logging.Filter):
 
 def restore_default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

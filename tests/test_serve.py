@@ -8,16 +8,19 @@ against what `predict --data.predict_path` says for the same files; real MNIST d
 import base64
 import contextlib
 import csv
+import fcntl
 import inspect
 import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -296,7 +299,7 @@ def test_other_commands_do_not_import_litserve():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-# --- Stopping: SIGTERM or SIGINT to the main process only ---------------------------------------------
+# --- Stopping: SIGTERM, SIGINT or SIGHUP to the main process only -------------------------------------------
 
 
 def port_is_free(port: int) -> bool:
@@ -350,7 +353,7 @@ def kill_session(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_to_the_main_process_answers_requests_in_flight_then_stops_everything(run_folder, signum):
     # A 2 s batch window: requests sent now are still waiting for their batch when the signal arrives.
     with serve_process(run_folder, "--batch_timeout=2") as (process, url, log):
@@ -381,7 +384,58 @@ def test_a_signal_to_the_main_process_answers_requests_in_flight_then_stops_ever
         assert port_is_free(port)
         output = log.read_text()
         assert "Traceback" not in output and output.rstrip().endswith("serve: stopped"), output
+        assert f"serve: {signum.name}: finishing requests in flight, then stopping\n" in output, output
+        assert process.returncode == 0, output  # a clean stop, whichever signal asked for it
         print(f"{signum.name}: 3 requests in flight answered, every process gone {stopped:.1f} s after it")
+
+
+def take_terminal() -> None:
+    """In the child, after setsid: the terminal on its stdin becomes the session's controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_stops_every_process_and_frees_the_port(run_folder):
+    # A real hangup: serve on a pseudo-terminal of its own, then the terminal's side closed, as a terminal
+    # window closing does (the kernel sends SIGHUP to every process of the foreground group).
+    port = free_port()
+    terminal, side = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}"], cwd=run_folder, env=subprocess_env(),
+        stdin=side, stdout=side, stderr=side, start_new_session=True, preexec_fn=take_terminal,
+    )  # fmt: skip
+    os.close(side)
+    output = b""
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            # Read what it prints meanwhile, so that a full terminal buffer cannot block it.
+            with contextlib.suppress(OSError):  # EIO: no process has the terminal open any more
+                while select.select([terminal], [], [], 0)[0]:
+                    output += os.read(terminal, 65536)
+            with contextlib.suppress(OSError):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).text == "ok":
+                    break
+            assert process.poll() is None, f"serve exited before /health said ok:\n{output.decode()}"
+            assert time.monotonic() < deadline, f"/health not ok within 300 s:\n{output.decode()}"
+            time.sleep(0.5)
+        assert len(session_processes(process.pid)) >= 4
+        os.close(terminal)
+        terminal = None
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve still running 30 s after its terminal closed")
+        deadline = time.monotonic() + 10
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = session_processes(process.pid)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+        assert port_is_free(port)
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        kill_session(process)
 
 
 @pytest.mark.slow
