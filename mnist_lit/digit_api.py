@@ -14,7 +14,9 @@ only stacks the 28x28 digits of requests that arrived together and runs one forw
 
 import asyncio
 import base64
+import contextlib
 import contextvars
+import io
 import json
 import logging
 import multiprocessing
@@ -31,7 +33,7 @@ import torch
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torchvision.transforms.v2 import functional as TF
@@ -42,8 +44,13 @@ from mnist_lit.images import SIZE, TooManyPixels, mnist_digit
 from mnist_lit.lessons import block_maps, first_filters
 
 EXPECTED = 'send JSON {"image": "<base64 of a PNG or JPEG file>"}'
-# Seconds that in-flight requests get to finish after SIGTERM or SIGINT before the server stops anyway.
+# Seconds that in-flight requests get to finish after a stopping signal before the server stops anyway.
 DRAIN_SECONDS = 5.0
+# The signals that stop the server cleanly: kill's default, Ctrl-C, and the terminal closing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How each file the API takes begins: PNG's signature, JPEG's start of image (a phone's MPO photo too).
+# images.py reads whatever PIL does (predict takes GIF, BMP, WebP, TIFF); the API promises PNG or JPEG.
+PNG_OR_JPEG = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 # Paths open without the API key: the page (it asks for the key) and the health check.
 OPEN_PATHS = ("/", "/health")
 
@@ -65,6 +72,8 @@ def digit_of_upload(image: str, max_pixels: int) -> bytes:
         raise Refused(f'"image" is not valid base64: {EXPECTED}') from None
     if not data:
         raise Refused(f'"image" is empty: {EXPECTED}')
+    if not data.startswith(PNG_OR_JPEG):
+        raise Refused(f'"image" is {file_kind(data)}: send the base64 of a PNG or JPEG file')
     try:
         digit = mnist_digit(data, max_pixels=max_pixels)
     except UnidentifiedImageError:
@@ -78,6 +87,15 @@ def digit_of_upload(image: str, max_pixels: int) -> bytes:
         reason = (str(err).splitlines() or [""])[0] or err.__class__.__name__
         raise Refused(f'"image" could not be decoded as a PNG or JPEG: {reason}') from None
     return digit.numpy().tobytes()
+
+
+def file_kind(data: bytes) -> str:
+    """What an upload that is neither PNG nor JPEG is, for its refusal: "a GIF file", "not an image file"."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            return f"a {image.format} file"
+    except Exception:  # UnidentifiedImageError, or a plugin failing on a header it half-recognised
+        return "not an image file"
 
 
 # What Body decoded for the request being validated (set in its context, read by DigitRequest).
@@ -106,15 +124,19 @@ class DigitRequest(BaseModel):
         return torch.frombuffer(bytearray(self._digit), dtype=torch.uint8).view(1, SIZE, SIZE)
 
 
+def media_type(content_type: str) -> str:
+    """A Content-Type header's media type as RFC 9110 compares it: lowercase, without parameters
+    ("Application/JSON; charset=utf-8" is "application/json", "application/jsonx" is not)."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 async def one_sentence_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    """FastAPI's validation errors (a list of dicts) as one sentence, in the usual ``{"detail": ...}``."""
+    """FastAPI's validation errors (a list of dicts) as one sentence, in the usual ``{"detail": ...}``.
+    (Body has refused a ``/predict`` body not sent as application/json already, with 415.)"""
     first = error.errors()[0]
     kind = first["type"]
-    content_type = request.headers.get("content-type") or "no content type"
     if kind == "missing" and first["loc"] == ("body",):
         status, detail = 400, f"the body is empty: {EXPECTED}"
-    elif not content_type.startswith("application/json"):
-        status, detail = 415, f"the body is sent as {content_type}: {EXPECTED}, as application/json"
     elif kind == "value_error":
         refused = first["ctx"]["error"]
         status, detail = getattr(refused, "status", 422), str(refused)
@@ -137,9 +159,11 @@ def refusal(status: int, detail: str) -> JSONResponse:
 class Body:
     """Reads each request's body before the app sees it: refused with 413 when larger than ``max_bytes``
     (by its Content-Length before reading any of it, or as soon as what arrived passes the limit), with
-    408 when it has not all arrived ``timeout`` seconds after the headers did. A ``/predict`` body is then
-    decoded in a worker thread (at most ``threads`` at once, which also bounds their memory) and the
-    outcome handed to DigitRequest's validation through ``decoded``."""
+    408 when it has not all arrived ``timeout`` seconds after the headers did. A ``/predict`` body not sent
+    as application/json is refused with 415; else it is decoded in a worker thread (at most ``threads`` at
+    once, which also bounds their memory) and the outcome handed to DigitRequest's validation through
+    ``decoded``. FastAPI parses more types as JSON (``application/*+json``); refusing them here keeps
+    every image decoded here, off the event loop and within ``--max_pixels``."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, max_pixels: int) -> None:
         self.app = app
@@ -184,8 +208,13 @@ class Body:
         if disconnected:
             return  # the client went away: nobody to answer
         body = b"".join(chunks)
-        content_type = dict(scope["headers"]).get(b"content-type", b"")
-        if scope["path"] == "/predict" and content_type.startswith(b"application/json"):
+        if scope["path"] == "/predict" and body:  # an empty one: FastAPI's 400 says "empty"
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            if media_type(content_type) != "application/json":
+                sent_as = content_type or "no content type"
+                detail = f"the body is sent as {sent_as}: {EXPECTED}, as application/json"
+                await refusal(415, detail)(scope, receive, send)
+                return
             outcome = await anyio.to_thread.run_sync(self.decode, body, limiter=self.limiter)
             if isinstance(outcome, Refused) and outcome.status == 400:  # a body FastAPI cannot parse either
                 await refusal(400, str(outcome))(scope, receive, send)
@@ -210,6 +239,8 @@ class Body:
             image = json.loads(body).get("image")
         except RecursionError:  # e.g. [[[[...]]]]: FastAPI's own parsing would fail the same way
             return Refused(f"the body is JSON nested too deeply: {EXPECTED}", 400)
+        except UnicodeDecodeError:  # FastAPI's answer: "There was an error parsing the body"
+            return Refused(f"the body is not UTF-8 text, so not valid JSON: {EXPECTED}", 400)
         except (ValueError, AttributeError):
             return None
         if not isinstance(image, str):
@@ -336,7 +367,7 @@ def run_server(
     max_pixels: int,
     api_key: str | None,
 ) -> None:
-    """Start LitServe; blocks until Ctrl-C, SIGINT or SIGTERM, then drains and stops every process."""
+    """Start LitServe; blocks until Ctrl-C or one of STOP_SIGNALS, then drains and stops every process."""
     # The forked HTTP processes decode one image per request: intra-op threads there only contend for cores.
     torch.set_num_threads(1)
     api = DigitAPI(checkpoint, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
@@ -357,25 +388,31 @@ def run_server(
         pass
     finally:
         stop_children()
-    print("serve: stopped", flush=True)
+    say("serve: stopped")
+
+
+def say(line: str) -> None:
+    """Print ``line``; after SIGHUP the terminal may be gone (EIO), and stopping must go on without it."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 def stop_on_signals() -> None:
-    """SIGTERM (``kill``, ``timeout``, a container runtime) stops the server as Ctrl-C does: LitServe's run
-    takes a KeyboardInterrupt as the cue to drain and stop its processes. Only the first signal counts,
-    so that a second one cannot cut the draining short and leave processes behind."""
+    """SIGTERM (``kill``, ``timeout``, a container runtime) and SIGHUP (the terminal closing, ``kill -HUP``)
+    stop the server as Ctrl-C does: LitServe's run takes a KeyboardInterrupt as the cue to drain and stop
+    its processes. (SIGHUP's default would end this process alone and leave LitServe's serving the port.)
+    Only the first signal counts, so that a second one cannot cut the draining short and leave processes
+    behind."""
 
     def stop(signum: int, frame: object) -> None:
         logging.getLogger("litserve.server").addFilter(MonitorAfterStop())
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(
-            f"serve: {signal.Signals(signum).name}: finishing requests in flight, then stopping", flush=True
-        )
+        for each in STOP_SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        say(f"serve: {signal.Signals(signum).name}: finishing requests in flight, then stopping")
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for each in STOP_SIGNALS:
+        signal.signal(each, stop)
     # Processes forked from here (LitServe's HTTP server and its manager) get the defaults back.
     os.register_at_fork(after_in_child=restore_default_signals)
 
@@ -396,6 +433,7 @@ class MonitorAfterStop(logging.Filter):
 
 def restore_default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -110,6 +110,12 @@ def image_files(path: Path) -> list[Path]:
     return files
 
 
+def pixel_count(pixels: int) -> str:
+    """A number of pixels as a refusal says it: in megapixels from a million up, else in pixels (a small
+    --max_pixels was "0.005 megapixels", and an image under it "0.0 megapixels")."""
+    return f"{pixels / 1e6:g} megapixels" if pixels >= 1_000_000 else f"{pixels} pixels"
+
+
 def read_grey(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Decode any PIL-readable image (a file, or its bytes) into (1, H, W) uint8 grey, upright.
 
@@ -122,8 +128,8 @@ def read_grey(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> torch.Tenso
         width, height = image.size
         if width * height > max_pixels:
             raise TooManyPixels(
-                f"the image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more than "
-                f"the {max_pixels / 1e6:g} megapixels allowed"
+                f"the image is {width}x{height} pixels ({pixel_count(width * height)}), more than the "
+                f"{pixel_count(max_pixels)} allowed"
             )
         if image.format == "JPEG":
             # Every 8x8 block of a (Huffman-coded) JPEG takes at least one bit: a file smaller than that

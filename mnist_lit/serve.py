@@ -4,11 +4,15 @@ This is the part the CLI imports: it checks the flags, the checkpoint and the po
 imports LitServe (``digit_api.py``), so that no other command pays for FastAPI and uvicorn at start-up.
 """
 
+import contextlib
 import errno
+import fcntl
 import importlib.util
 import os
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -21,10 +25,43 @@ from mnist_lit.images import MAX_PIXELS
 from mnist_lit.runs import newest_run
 
 
+def port_in_use(host: str, port: int) -> UserError:
+    return UserError(
+        f"--port {port} is already in use on {host}: stop what listens there, or choose another --port"
+    )
+
+
+@contextlib.contextmanager
+def port_lock(host: str, port: int) -> Iterator[None]:
+    """Hold an exclusive lock on ``port`` while the block runs (the server's life), or raise port_in_use.
+
+    check_port_free alone is a race: LitServe binds a while later, and on Linux two sockets bound with
+    SO_REUSEADDR (as uvicorn binds, without SO_REUSEPORT) do not collide until one of them listens, so two
+    servers started at once both pass the check and both bind; only one can listen, and the other one
+    went on running, serving nothing. A flock is released by the kernel however its holders end;
+    LitServe's forked processes inherit it, so it is held as long as any of them could be serving. Per
+    port, not host:port: 0.0.0.0 and 127.0.0.1 collide on one port too. Per user: another user's file in
+    /tmp could not be opened (so two users starting at the same instant are not kept apart;
+    check_port_free still sees a listener).
+    """
+    path = Path(tempfile.gettempdir()) / f"mnist_lit-serve-{os.getuid()}-port-{port}.lock"
+    try:
+        # Never deleted: unlinking a lock file lets a second process lock a new file of the same name.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise UserError(f"cannot open {path} to claim --port {port}: {err.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another serve holds this port, or is about to bind it
+            raise port_in_use(host, port) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Raise UserError, in one line, unless a server could listen on ``host``:``port`` now."""
-    if not 1024 <= port <= 65535:
-        raise UserError(f"--port {port} is not between 1024 and 65535: choose a port in that range")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds, so the same rules
@@ -32,10 +69,7 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise UserError(
-                    f"--port {port} is already in use on {host}: stop what listens there, or choose "
-                    "another --port"
-                ) from None
+                raise port_in_use(host, port) from None
             raise UserError(f"cannot listen on {host} port {port}: {err.strerror}") from None
 
 
@@ -79,30 +113,33 @@ def serve(
     else:
         checkpoint = Path(ckpt_path)
     from_checkpoint(checkpoint)  # a bad file ends here in one line, not in a worker process's traceback
-    check_port_free(host, port)
-    api_key = api_key or os.environ.get("LIT_SERVER_API_KEY") or None
-    if host != "127.0.0.1" and api_key is None:
-        print(
-            f"serve: warning: --host {host} without --api_key: anyone who can reach this machine on port "
-            f"{port} can use the model (see README, Serve)",
-            file=sys.stderr,
-            flush=True,
+    if not 1024 <= port <= 65535:
+        raise UserError(f"--port {port} is not between 1024 and 65535: choose a port in that range")
+    with port_lock(host, port):  # for as long as this server runs
+        check_port_free(host, port)  # something else (not a serve) listening there
+        api_key = api_key or os.environ.get("LIT_SERVER_API_KEY") or None
+        if host != "127.0.0.1" and api_key is None:
+            print(
+                f"serve: warning: --host {host} without --api_key: anyone who can reach this machine on port "
+                f"{port} can use the model (see README, Serve)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        from mnist_lit.digit_api import run_server  # LitServe, FastAPI and uvicorn: only for this command
+
+        run_server(
+            checkpoint.resolve(),
+            host=host,
+            port=port,
+            max_batch_size=max_batch_size,
+            batch_timeout=batch_timeout,
+            accelerator=accelerator,
+            max_body_bytes=int(max_body_mb * 2**20),
+            body_timeout=body_timeout,
+            max_pixels=max_pixels,
+            api_key=api_key,
         )
-
-    from mnist_lit.digit_api import run_server  # LitServe, FastAPI and uvicorn: only for this command
-
-    run_server(
-        checkpoint.resolve(),
-        host=host,
-        port=port,
-        max_batch_size=max_batch_size,
-        batch_timeout=batch_timeout,
-        accelerator=accelerator,
-        max_body_bytes=int(max_body_mb * 2**20),
-        body_timeout=body_timeout,
-        max_pixels=max_pixels,
-        api_key=api_key,
-    )
 
 
 def main(argv: list[str]) -> None:

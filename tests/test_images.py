@@ -215,21 +215,28 @@ def test_a_png_declaring_13000x13000_is_refused_from_its_header_fast_and_without
     assert len(bomb) < 25_000
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(
-            TooManyPixels, match=r"13000x13000 pixels \(169.0 megapixels\), more than the 50 "
-        ):
+        with pytest.raises(TooManyPixels, match=r"13000x13000 pixels \(169 megapixels\), more than the 50 "):
             mnist_digit(bomb)
     assert caught == []  # no DecompressionBombWarning, nor any other
     seconds, grown_mb = peak_rss_growth(lambda: refusal(bomb))
     assert seconds < 0.5 and grown_mb < 50, (seconds, grown_mb)  # decoding it takes seconds and 1-3 GB
     # The budget is a parameter: a smaller one refuses a small image, a larger one lets the bomb decode.
-    with pytest.raises(TooManyPixels, match=r"more than the 0\.0001 megapixels"):
+    with pytest.raises(TooManyPixels, match=r"\(400 pixels\), more than the 100 pixels allowed"):
         mnist_digit(png_bomb(20, 20), max_pixels=100)
+
+
+def test_a_budget_is_said_in_pixels_under_a_megapixel_never_as_0_0_megapixels():
+    for max_pixels, size, words in (
+        (5000, (84, 84), "84x84 pixels (7056 pixels), more than the 5000 pixels allowed"),
+        (1_500_000, (1300, 1200), "1300x1200 pixels (1.56 megapixels), more than the 1.5 megapixels allowed"),
+    ):
+        message = str(refusal(png_bomb(*size), max_pixels=max_pixels))
+        assert words in message and "0.0" not in message, message
 
 
 @pytest.mark.parametrize(
     ("size", "words"),
-    [((13000, 13000), "13000x13000 pixels (169.0 megapixels), more than"), ((6000, 4000), "truncated")],
+    [((13000, 13000), "13000x13000 pixels (169 megapixels), more than"), ((6000, 4000), "truncated")],
 )
 def test_a_jpeg_shorter_than_its_declared_size_is_refused_fast(size, words):
     data = jpeg_declaring(*size)
@@ -372,7 +379,7 @@ def test_predicts_pixel_budget_is_a_flag(shapes_run, monkeypatch, capsys):
         assert [row["file"] for row in csv.DictReader(f)] == ["budget/small.png"]
     skipped = capsys.readouterr().err
     assert "skipped budget/large.png: the image is 300x400 pixels" in skipped
-    assert "more than the 0.05 megapixels allowed" in skipped  # the flag's budget, not the default 50
+    assert "more than the 50000 pixels allowed" in skipped  # the flag's budget, not the default 50
 
 
 def test_the_csv_is_written_whole_or_not_at_all(shapes_run, monkeypatch):

@@ -8,15 +8,19 @@ against what `predict --data.predict_path` says for the same files; real MNIST d
 import base64
 import contextlib
 import csv
+import fcntl
 import inspect
 import io
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -42,12 +46,17 @@ from tests.helpers import (
 from tests.test_images import jpeg_declaring, png_bomb
 
 BATCH_LINE = re.compile(r"^serve: batch of (\d+) in", re.MULTILINE)
+MAX_PIXELS_FLAG = 49_500_000  # the module's server's --max_pixels
 
 
 def encoded(picture: Image.Image, format: str = "PNG") -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def b64(data: bytes) -> dict:
+    return {"image": base64.b64encode(data).decode()}
 
 
 def pictures() -> dict[str, Image.Image]:
@@ -78,8 +87,11 @@ def run_folder(tmp_path_factory, trained_run) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run_folder):
-    # A long batch window, so that requests sent together are batched even on a crowded machine.
-    with running_server(run_folder, "--batch_timeout=0.25", "--body_timeout=3") as server:
+    # A long batch window, so that requests sent together are batched even on a crowded machine; a pixel
+    # budget under the default (50 MP) but over the largest test image (49 MP), so that an upload decoded
+    # with the default instead of the flag shows.
+    flags = ["--batch_timeout=0.25", "--body_timeout=3", f"--max_pixels={MAX_PIXELS_FLAG}"]
+    with running_server(run_folder, *flags) as server:
         yield server
 
 
@@ -136,6 +148,9 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
     png = base64.b64decode(encoded(pictures()["a.png"]))
     big = b"x" * (50 * 2**20)
     as_json, as_text = {"Content-Type": "application/json"}, {"Content-Type": "text/plain"}
+    good = json.dumps({"image": encoded(pictures()["a.png"])}).encode()
+    over = json.dumps(b64(png_bomb(7100, 7000))).encode()  # 49.7 MP: over the flag, under the default
+    over_words = "7100x7000 pixels (49.7 megapixels), more than the 49.5 megapixels allowed (--max_pixels)"
     return {
         "not an image": ({"json": {"image": base64.b64encode(b"hello").decode()}}, 422, "not an image"),
         "truncated PNG": ({"json": {"image": base64.b64encode(png[:-40]).decode()}}, 422, "decoded"),
@@ -156,6 +171,20 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
         "JSON as text/plain": ({"data": b'{"image": "x"}', "headers": as_text}, 415, "text/plain"),
         "50 MB body": ({"data": big, "headers": as_json}, 413, "limit"),
         "50 MB chunked": ({"data": iter([big[:2**20]] * 50)}, 413, "limit"),
+        "over --max_pixels": ({"data": over, "headers": as_json}, 413, over_words),
+        # Media types are case-insensitive (RFC 9110): this one was decoded with the default budget.
+        "Application/JSON over --max_pixels": (
+            {"data": over, "headers": {"Content-Type": "Application/JSON; charset=UTF-8"}}, 413, over_words,
+        ),
+        "JSON as application/jsonx": (
+            {"data": good, "headers": {"Content-Type": "application/jsonx"}}, 415, "as application/jsonx:",
+        ),
+        "JSON as application/problem+json": (
+            {"data": good, "headers": {"Content-Type": "application/problem+json"}}, 415, "problem+json",
+        ),
+        "JSON without a content type": ({"data": good}, 415, "sent as no content type"),
+        "invalid UTF-8": ({"data": b'{"image": "\xff"}', "headers": as_json}, 400, "not UTF-8 text"),
+        "a GIF": ({"json": {"image": encoded(pictures()["a.png"], "GIF")}}, 422, '"image" is a GIF file'),
     }  # fmt: skip
 
 
@@ -270,7 +299,7 @@ def test_other_commands_do_not_import_litserve():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-# --- Stopping: SIGTERM or SIGINT to the main process only ---------------------------------------------
+# --- Stopping: SIGTERM, SIGINT or SIGHUP to the main process only -------------------------------------------
 
 
 def port_is_free(port: int) -> bool:
@@ -288,12 +317,7 @@ def serve_process(folder: Path, *args: str, env: dict | None = None, timeout: fl
     """`serve ARGS` in a session of its own, until /health says ok; yields (Popen, url, log). Whatever is
     left of the session afterwards is killed, so that a failing test leaves no server behind."""
     port = free_port()
-    log = folder / f"serve_{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}", *args], cwd=folder,
-            env=env or subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    process, log = start_serve(folder, port, *args, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -306,14 +330,30 @@ def serve_process(folder: Path, *args: str, env: dict | None = None, timeout: fl
             time.sleep(0.5)
         yield process, url, log
     finally:
-        for pid in session_processes(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        kill_session(process)
+
+
+def start_serve(folder: Path, port: int, *args: str, env: dict | None = None, name: str = "serve"):
+    """`serve --port=PORT ARGS` in a session of its own; (Popen, the log of its stdout and stderr)."""
+    log = folder / f"{name}_{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}", *args], cwd=folder,
+            env=env or subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return process, log
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL to what is left of ``process``'s session, so that a failing test leaves no server behind."""
+    for pid in session_processes(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_to_the_main_process_answers_requests_in_flight_then_stops_everything(run_folder, signum):
     # A 2 s batch window: requests sent now are still waiting for their batch when the signal arrives.
     with serve_process(run_folder, "--batch_timeout=2") as (process, url, log):
@@ -344,7 +384,58 @@ def test_a_signal_to_the_main_process_answers_requests_in_flight_then_stops_ever
         assert port_is_free(port)
         output = log.read_text()
         assert "Traceback" not in output and output.rstrip().endswith("serve: stopped"), output
+        assert f"serve: {signum.name}: finishing requests in flight, then stopping\n" in output, output
+        assert process.returncode == 0, output  # a clean stop, whichever signal asked for it
         print(f"{signum.name}: 3 requests in flight answered, every process gone {stopped:.1f} s after it")
+
+
+def take_terminal() -> None:
+    """In the child, after setsid: the terminal on its stdin becomes the session's controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_stops_every_process_and_frees_the_port(run_folder):
+    # A real hangup: serve on a pseudo-terminal of its own, then the terminal's side closed, as a terminal
+    # window closing does (the kernel sends SIGHUP to every process of the foreground group).
+    port = free_port()
+    terminal, side = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lit", "serve", f"--port={port}"], cwd=run_folder, env=subprocess_env(),
+        stdin=side, stdout=side, stderr=side, start_new_session=True, preexec_fn=take_terminal,
+    )  # fmt: skip
+    os.close(side)
+    output = b""
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            # Read what it prints meanwhile, so that a full terminal buffer cannot block it.
+            with contextlib.suppress(OSError):  # EIO: no process has the terminal open any more
+                while select.select([terminal], [], [], 0)[0]:
+                    output += os.read(terminal, 65536)
+            with contextlib.suppress(OSError):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).text == "ok":
+                    break
+            assert process.poll() is None, f"serve exited before /health said ok:\n{output.decode()}"
+            assert time.monotonic() < deadline, f"/health not ok within 300 s:\n{output.decode()}"
+            time.sleep(0.5)
+        assert len(session_processes(process.pid)) >= 4
+        os.close(terminal)
+        terminal = None
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve still running 30 s after its terminal closed")
+        deadline = time.monotonic() + 10
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = session_processes(process.pid)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+        assert port_is_free(port)
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        kill_session(process)
 
 
 @pytest.mark.slow
@@ -377,6 +468,46 @@ def test_a_signal_while_the_model_loads_stops_everything_too(run_folder):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_two_serves_started_at_once_on_one_port_one_serves_and_the_other_says_the_port_is_taken(run_folder):
+    port = free_port()
+    # Back to back: both pass the check for a listening socket long before either one's server listens.
+    runs = [start_serve(run_folder, port, name=f"twin{i}") for i in range(2)]
+    url = f"http://127.0.0.1:{port}"
+
+    def logs() -> str:
+        return "\n".join(f"--- {log.name}:\n{log.read_text()}" for _, log in runs)
+
+    def serving() -> bool:
+        with contextlib.suppress(OSError):  # refused while it starts
+            return requests.get(f"{url}/health", timeout=5).text == "ok"
+        return False
+
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            ended = [(process, log) for process, log in runs if process.poll() is not None]
+            if len(ended) == 1 and serving():
+                break
+            assert len(ended) < 2, f"both serves exited:\n{logs()}"
+            assert time.monotonic() < deadline, f"not one serving and one exited within 300 s:\n{logs()}"
+            time.sleep(0.5)
+        [(loser, log)] = ended
+        assert loser.returncode != 0
+        lines = log.read_text().strip().splitlines()
+        errors = [line for line in lines if "error" in line]
+        assert errors == [lines[-1]] and "Traceback" not in log.read_text(), log.read_text()
+        assert lines[-1] == (
+            f"mnist_lit: error: --port {port} is already in use on 127.0.0.1: stop what listens there, or "
+            "choose another --port"
+        )
+        [(winner, _)] = [run for run in runs if run[0] is not loser]
+        assert winner.poll() is None and serving(), logs()
+    finally:
+        for process, _ in runs:
+            kill_session(process)
+
+
 def test_litserve_still_logs_the_monitor_message_that_serve_filters_while_stopping():
     import litserve.server
 
@@ -386,10 +517,6 @@ def test_litserve_still_logs_the_monitor_message_that_serve_filters_while_stoppi
 
 
 # --- Hostile and large images over HTTP -----------------------------------------------------------------
-
-
-def b64(data: bytes) -> dict:
-    return {"image": base64.b64encode(data).decode()}
 
 
 @pytest.mark.slow
@@ -511,8 +638,9 @@ def test_with_an_api_key_only_the_page_and_health_are_open(run_folder, expected,
             headers={"X-API-Key": key},
             timeout=60,
         )
-        assert larger.status_code == 413 and "84x84 pixels" in larger.json()["detail"], larger.text
-        assert "more than the 0.005 megapixels allowed (--max_pixels)" in larger.json()["detail"], larger.text
+        assert larger.status_code == 413, larger.text
+        words = "84x84 pixels (7056 pixels), more than the 5000 pixels allowed (--max_pixels)"
+        assert words in larger.json()["detail"], larger.text
 
 
 def test_listening_on_every_interface_without_a_key_says_so_once(run_folder, monkeypatch, capsys):
