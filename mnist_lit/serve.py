@@ -75,7 +75,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(
     ckpt_path: str | None = None,
-    host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
+    host: Literal["127.0.0.1", "localhost", "0.0.0.0", "::"] = "127.0.0.1",
     port: int = 8000,
     max_batch_size: PositiveInt = 64,
     batch_timeout: NonNegativeFloat = 0.005,
@@ -89,7 +89,7 @@ def serve(
 
     Args:
         ckpt_path: checkpoint to serve; default the best checkpoint of the newest run in ./lightning_logs.
-        host: address to listen on: 127.0.0.1 (this machine only), or 0.0.0.0 / :: (every network
+        host: address to listen on: 127.0.0.1 or localhost (this machine only), or 0.0.0.0 / :: (every network
             interface: anyone who can reach this machine can use the server; see README).
         port: TCP port, 1024 to 65535.
         max_batch_size: most requests that one forward pass predicts together.
@@ -113,6 +113,8 @@ def serve(
     else:
         checkpoint = Path(ckpt_path)
     from_checkpoint(checkpoint)  # a bad file ends here in one line, not in a worker process's traceback
+    if host == "localhost":  # the loopback by name, as in the page's URL: listen on its IPv4 address
+        host = "127.0.0.1"
     if not 1024 <= port <= 65535:
         raise UserError(f"--port {port} is not between 1024 and 65535: choose a port in that range")
     with port_lock(host, port):  # for as long as this server runs

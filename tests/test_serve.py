@@ -662,3 +662,15 @@ def test_listening_on_every_interface_without_a_key_says_so_once(run_folder, mon
     cli("serve", f"--ckpt_path={checkpoint}", f"--port={port}")
     assert "warning" not in capsys.readouterr().err
     assert [kwargs["api_key"] for kwargs in started] == [None, "k", "k2"]
+
+
+def test_localhost_is_the_loopback_and_needs_no_key(run_folder, monkeypatch, capsys):
+    import mnist_lit.digit_api
+
+    started = []
+    monkeypatch.setattr(mnist_lit.digit_api, "run_server", lambda *args, **kwargs: started.append(kwargs))
+    monkeypatch.delenv("LIT_SERVER_API_KEY", raising=False)
+    checkpoint = next((run_folder / "lightning_logs").rglob("last.ckpt"))
+    cli("serve", f"--ckpt_path={checkpoint}", "--host=localhost", f"--port={free_port()}")
+    assert "warning" not in capsys.readouterr().err
+    assert [kwargs["host"] for kwargs in started] == ["127.0.0.1"]
