@@ -357,17 +357,10 @@ def test_two_workers_on_one_machine_share_the_study(tmp_path, mnist_dir):
     assert "Epoch 0/0" in "".join(run.stdout + run.stderr for run in runs)
 
 
-@pytest.mark.slow
-def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mnist_dir):
-    search = write_search(tmp_path, {"params": SEARCH["params"], "pruner": NO_PRUNING})
-    marker = tmp_path / "epoch1-under-way"
-    # 10 steps an epoch, paced from epoch 1 on so that the signal lands inside it.
-    args = [
-        *tune_args(mnist_dir, search, 2), "--trainer.limit_train_batches=1.0", "--trainer.max_epochs=2",
-        "--trainer.callbacks+=tests.pacing.Pace", f"--trainer.callbacks.marker={marker}",
-        "--trainer.callbacks.ms=200",
-    ]  # fmt: skip
-    run = Guarded(tune_command(*args), tmp_path, TIMEOUT)
+def ctrl_c_when_marked(args: list[str], marker: Path, folder: Path) -> str:
+    """`tune ARGS` in ``folder``, Ctrl-C once ``marker`` appears; checks the one line and that trial 0 is
+    queued again, and returns the study's storage URL."""
+    run = Guarded(tune_command(*args), folder, TIMEOUT)
     wait_for_file(marker, run)
     run.proc.send_signal(signal.SIGINT)
     stopped = run.wait()
@@ -378,9 +371,22 @@ def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mni
         "mnist_lit: error: interrupted: trial 0 stopped by a signal; it is queued to run again: run the same "
         "command again to go on"
     ], stopped.stderr[-5000:]
-    storage = f"sqlite:///{tmp_path / 'tune/search/study.db'}"
+    storage = f"sqlite:///{folder / 'tune/search/study.db'}"
     assert [t.state.name for t in trials_of(storage)] == ["FAIL", "WAITING"]
+    return storage
 
+
+@pytest.mark.slow
+def test_ctrl_c_mid_trial_then_the_same_command_finishes_the_study(tmp_path, mnist_dir):
+    search = write_search(tmp_path, {"params": SEARCH["params"], "pruner": NO_PRUNING})
+    marker = tmp_path / "epoch1-under-way"
+    # 10 steps an epoch, paced from epoch 1 on so that the signal lands inside it.
+    args = [
+        *tune_args(mnist_dir, search, 2), "--trainer.limit_train_batches=1.0", "--trainer.max_epochs=2",
+        "--trainer.callbacks+=tests.pacing.Pace", f"--trainer.callbacks.marker={marker}",
+        "--trainer.callbacks.ms=200",
+    ]  # fmt: skip
+    storage = ctrl_c_when_marked(args, marker, tmp_path)
     marker.unlink()
     rerun = run_guarded(tune_command(*args), tmp_path, TIMEOUT)
     assert rerun.returncode == 0, rerun.stderr[-5000:]
@@ -399,18 +405,7 @@ def test_ctrl_c_before_a_trial_trains_queues_it_again(tmp_path, mnist_dir):
         f"--trainer.callbacks.marker={marker}", "--trainer.callbacks.phase=sanity_check",
         "--trainer.callbacks.hold=120",
     ]  # fmt: skip
-    run = Guarded(tune_command(*args), tmp_path, TIMEOUT)
-    wait_for_file(marker, run)
-    run.proc.send_signal(signal.SIGINT)
-    stopped = run.wait()
-    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-5000:]
-    errors = [line for line in stopped.stderr.splitlines() if line.startswith("mnist_lit: error:")]
-    assert errors == [
-        "mnist_lit: error: interrupted: trial 0 stopped by a signal; it is queued to run again: run the same "
-        "command again to go on"
-    ], stopped.stderr[-5000:]
-    storage = f"sqlite:///{tmp_path / 'tune/search/study.db'}"
-    assert [t.state.name for t in trials_of(storage)] == ["FAIL", "WAITING"]
+    ctrl_c_when_marked(args, marker, tmp_path)
     assert not (tmp_path / "tune/search/trials/trial_000").exists()  # nothing trained: nothing to keep
 
 
