@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import ctypes
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import multiprocessing
 import os
 import secrets
 import signal
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -294,10 +296,12 @@ class DigitAPI(ls.LitAPI):
     def __init__(self, checkpoint: Path, max_batch_size: int, batch_timeout: float) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.checkpoint = checkpoint
+        self.server = os.getpid()  # the serve process, which starts the workers
 
     def setup(self, device: str) -> None:
         # Ctrl-C reaches the whole process group; the main process stops this worker without a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        end_with_the_server(self.server)  # spawned, not forked: child_of_the_server did not run here
         self.device = torch.device(device)
         if self.device.type == "cpu":
             # Batching is the parallelism here: intra-op threads on tensors this small mostly wait.
@@ -413,8 +417,9 @@ def stop_on_signals() -> None:
 
     for each in STOP_SIGNALS:
         signal.signal(each, stop)
-    # Processes forked from here (LitServe's HTTP server and its manager) get the defaults back.
-    os.register_at_fork(after_in_child=restore_default_signals)
+    # Processes forked from here (LitServe's HTTP server and its manager) get the defaults back, and end
+    # with this process.
+    os.register_at_fork(after_in_child=child_of_the_server)
 
 
 class MonitorAfterStop(logging.Filter):
@@ -431,10 +436,30 @@ class MonitorAfterStop(logging.Filter):
         return record.getMessage() != self.MESSAGE
 
 
-def restore_default_signals() -> None:
+def child_of_the_server() -> None:
+    parent = os.getppid()  # first: the process that forked this one, unless it is already gone
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    end_with_the_server(parent)
+
+
+def end_with_the_server(server: int) -> None:
+    """The kernel kills this process (one LitServe started) when the serve process, pid ``server``, dies
+    (Linux only).
+
+    A serve process that is killed outright (SIGKILL, the OOM killer) cannot stop the processes it
+    started, and they would go on serving the port with nobody to stop them; a stopping signal is
+    still drained by the serve process, which outlives them. LitServe starts them all from the main
+    thread, whose end is what the kernel watches.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Compared with its pid, not with 1: in a container the serve process may itself be pid 1.
+    if os.getppid() != server:  # it died before the line above took effect
+        os._exit(1)
 
 
 def stop_children(seconds: float = 5.0) -> None:

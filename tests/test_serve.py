@@ -439,6 +439,22 @@ def test_closing_the_terminal_stops_every_process_and_frees_the_port(run_folder)
 
 
 @pytest.mark.slow
+def test_a_serve_killed_outright_leaves_no_process_serving(run_folder):
+    # SIGKILL (or the OOM killer): the serve process cannot stop what it started; the kernel does.
+    with serve_process(run_folder) as (process, url, _):
+        started = session_processes(process.pid)
+        assert len(started) >= 4, started  # serve, LitServe's HTTP server, its manager, the worker
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = session_processes(process.pid)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+        assert port_is_free(int(url.rsplit(":", 1)[1]))
+
+
+@pytest.mark.slow
 def test_a_signal_while_the_model_loads_stops_everything_too(run_folder):
     log = run_folder / "serve_starting.log"
     with log.open("wb") as out:
