@@ -6,12 +6,10 @@ imports LitServe (``digit_api.py``), so that no other command pays for FastAPI a
 
 import contextlib
 import errno
-import fcntl
 import importlib.util
 import os
 import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -33,31 +31,30 @@ def port_in_use(host: str, port: int) -> UserError:
 
 @contextlib.contextmanager
 def port_lock(host: str, port: int) -> Iterator[None]:
-    """Hold an exclusive lock on ``port`` while the block runs (the server's life), or raise port_in_use.
+    """Claim ``port`` for this server while the block runs (the server's life), or raise port_in_use.
 
     check_port_free alone is a race: LitServe binds a while later, and on Linux two sockets bound with
     SO_REUSEADDR (as uvicorn binds, without SO_REUSEPORT) do not collide until one of them listens, so two
     servers started at once both pass the check and both bind; only one can listen, and the other one
-    went on running, serving nothing. A flock is released by the kernel however its holders end;
-    LitServe's forked processes inherit it, so it is held as long as any of them could be serving. Per
-    port, not host:port: 0.0.0.0 and 127.0.0.1 collide on one port too. Per user: another user's file in
-    /tmp could not be opened (so two users starting at the same instant are not kept apart;
-    check_port_free still sees a listener).
+    went on running, serving nothing. The claim is a Unix socket bound to an abstract name (Linux): only
+    one can hold a name, the kernel frees it however its holders end, it leaves no file behind, and it
+    is seen by every user and temporary folder of the machine, as the port itself is. LitServe's forked
+    processes inherit it. Per port, not host:port: 0.0.0.0 and 127.0.0.1 collide on one port too.
+    Elsewhere check_port_free alone.
     """
-    path = Path(tempfile.gettempdir()) / f"mnist_lit-serve-{os.getuid()}-port-{port}.lock"
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        # Never deleted: unlinking a lock file lets a second process lock a new file of the same name.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as err:
-        raise UserError(f"cannot open {path} to claim --port {port}: {err.strerror}") from None
+        claim.bind(f"\0mnist_lit-serve-port-{port}")
+    except OSError:  # the name is taken: another serve holds this port, or is about to bind it
+        claim.close()
+        raise port_in_use(host, port) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another serve holds this port, or is about to bind it
-            raise port_in_use(host, port) from None
         yield
     finally:
-        os.close(fd)
+        claim.close()
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -488,7 +488,13 @@ def test_a_signal_while_the_model_loads_stops_everything_too(run_folder):
 def test_two_serves_started_at_once_on_one_port_one_serves_and_the_other_says_the_port_is_taken(run_folder):
     port = free_port()
     # Back to back: both pass the check for a listening socket long before either one's server listens.
-    runs = [start_serve(run_folder, port, name=f"twin{i}") for i in range(2)]
+    # Each with a temporary folder of its own (systemd's PrivateTmp, pam_tmpdir): the claim is not a file.
+    runs = []
+    for i in range(2):
+        tmp = run_folder / f"tmp_twin{i}_{port}"
+        tmp.mkdir()
+        env = {**subprocess_env(), "TMPDIR": str(tmp)}
+        runs.append(start_serve(run_folder, port, env=env, name=f"twin{i}"))
     url = f"http://127.0.0.1:{port}"
 
     def logs() -> str:
