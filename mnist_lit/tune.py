@@ -362,16 +362,21 @@ class Study:
 # ----------------------------------------------------------------------------------------------- storage
 
 
-# The password of a URL (scheme://user:password@host...) in any text, e.g. a URL SQLAlchemy cannot read.
-PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+# A password in any text, e.g. a URL SQLAlchemy cannot read: a URL's (scheme://user:password@host...), or
+# a password= parameter's (?password=... of a URL, password=... of a libpq connection string), any case.
+PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@|(\bpassword=)[^&\s]*", re.IGNORECASE)
+
+
+def hide_passwords(text: str) -> str:
+    return PASSWORD.sub(lambda m: f"{m[1]}***@" if m[1] else f"{m[2]}***", text)
 
 
 def masked(url: str) -> str:
-    """The storage URL as it may be printed: its password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
+    """The storage URL as it may be printed: its passwords replaced by ***."""
+    try:  # SQLAlchemy hides the password field only, not a password given as a query parameter
+        return hide_passwords(make_url(url).render_as_string(hide_password=True))
     except Exception:  # not a URL SQLAlchemy can read (open_storage says so): its password hidden anyway
-        return PASSWORD.sub(r"\1***@", url)
+        return hide_passwords(url)
 
 
 def stored_file(url: str) -> Path | None:
@@ -406,8 +411,12 @@ def check_journal(path: str) -> None:
     file = Path(path)
     if file.is_dir():
         raise UserError(f"--storage {path}: is a folder, not a journal file")
-    if not file.is_file():
+    if not file.exists():
         return  # Optuna makes it
+    if not file.is_file():  # /dev/null fails Optuna's fsync, a FIFO blocks its read for ever
+        raise UserError(
+            f"--storage {path}: not a regular file (a device, FIFO or socket): give a journal file's path"
+        )
     with file.open("rb") as f:
         first = f.readline(1 << 20)  # a bounded read: a big binary file may have no newline at all
     # Optuna's journal is JSON lines, each an operation with an op_code; an empty file is a new journal.
@@ -420,6 +429,17 @@ def check_journal(path: str) -> None:
             f"--storage {path}: not an Optuna journal file (its first line is not a journal entry); give a "
             "new file's path, a database URL, or the journal of the study"
         )
+    # Optuna's replay skips a last line that is not JSON (taken for one being written) and would append
+    # after it; the journal then no longer replays. Only complete lines: another worker may be writing.
+    with file.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                if line.endswith(b"\n"):
+                    json.loads(line)
+            except ValueError:
+                raise UserError(
+                    f"--storage {path}: not a readable Optuna journal (line {number} is not JSON)"
+                ) from None
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -427,11 +447,20 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     worker's trial), or a journal file's path (for a shared filesystem without a database server)."""
     shown = masked(url)
     if "://" not in url:
-        if not Path(url).resolve().parent.is_dir():
-            raise UserError(f"--storage {url}: folder {Path(url).parent} does not exist")
+        file = Path(url)
+        folder = file.resolve().parent
+        if not folder.is_dir():  # a link's target may be in another folder: the one that is missing is named
+            raise UserError(
+                f"--storage {url}: folder {file.parent if file.parent.resolve() == folder else folder} "
+                "does not exist"
+            )
         check_journal(url)
-        # Journal files keep no heartbeats: a killed worker's trial stays "running" there (docs/tune.md).
-        return JournalStorage(JournalFileBackend(url))
+        try:  # Optuna replays the journal here, and fails on an entry it cannot apply
+            # Journal files keep no heartbeats: a killed worker's trial stays "running" there (docs/tune.md).
+            return JournalStorage(JournalFileBackend(url))
+        except (ValueError, LookupError, AssertionError, TypeError) as err:
+            reason = type(err).__name__ + (f": {first_line(err)}" if str(err) else "")
+            raise UserError(f"--storage {url}: not a readable Optuna journal (Optuna: {reason})") from None
     # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
@@ -462,8 +491,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             "pip install -e '.[tune]' (psycopg), for MySQL pip install pymysql and use mysql+pymysql://"
         ) from None
     except Exception as err:  # SQLAlchemy or the database driver, each in its own words
-        # Only a URL's password is hidden: the password alone may be a word of the message ("p" in "port").
-        reason = PASSWORD.sub(r"\1***@", first_line(err))
+        # Only passwords in a URL or password= are hidden: the password alone may be a word of the message
+        # ("p" in "port").
+        reason = hide_passwords(first_line(err))
         raise UserError(f"--storage {shown} cannot be opened: {reason}") from None
 
 

@@ -238,6 +238,10 @@ def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir, caps
     )
     assert "--storage nosuch://host/db cannot be opened:" in storage_error("nosuch://host/db")
     assert "--storage no/such/study.log: folder no/such does not exist" in storage_error("no/such/study.log")
+    # A link to a file in a folder that is not there: that folder is named, not the link's.
+    os.symlink(Path("nowhere/j.log"), "j.log")
+    missing = workdir.resolve() / "nowhere"
+    assert storage_error("j.log") == f"mnist_lit: error: --storage j.log: folder {missing} does not exist"
     # PostgreSQL's driver is installed with the tune extra; the password is never shown.
     port = free_port()  # nothing listens there
     message = storage_error(f"postgresql://mnist:s3cret-pw@127.0.0.1:{port}/optuna")
@@ -247,6 +251,7 @@ def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir, caps
     assert "--storage mysql://mnist:***@127.0.0.1/optuna: no database driver for mysql://" in message
     assert "pip install pymysql and use mysql+pymysql://" in message and "s3cret-pw" not in message
     assert not (workdir / "tune").exists()  # no study folder is made for a storage that cannot be opened
+    assert not missing.exists()
 
 
 def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnist_dir):
@@ -265,6 +270,14 @@ def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnis
     )
     assert "--storage postgresql://mnist:***@127.0.0.1:x/db cannot be opened: " in message, message
     assert "s3cret-pw" not in message
+    # A password given as a query parameter (libpq's password=) is hidden as well.
+    message = error_of(
+        *tune_args(
+            mnist_dir, search, 2, f"--storage=postgresql+psycopg://u@127.0.0.1:{port}/db?password=s3cretQ"
+        )
+    )
+    shown = f"--storage postgresql+psycopg://u@127.0.0.1:{port}/db?password=*** cannot be opened: "
+    assert shown in message and "s3cretQ" not in message, message
     assert not (workdir / "tune").exists()
 
 
@@ -293,11 +306,19 @@ NOT_JOURNALS = {
     "json": ("data.log", b'{"trial": 0, "acc": 0.99}\n'),  # JSON lines, but not Optuna's
     "sqlite": ("x.log", None),  # a real SQLite database (sqlite_file)
 }
+# Files whose first line is a journal entry, but that Optuna cannot replay: a name, its bytes, the reason.
+STUDY_ENTRY = b'{"op_code":0,"worker_id":"w","study_name":"other","directions":[1]}\n'
+UNREADABLE_JOURNALS = {
+    "garbage last": ("j.log", STUDY_ENTRY + b"GARBAGE LINE\n", "line 2 is not JSON"),
+    "garbage within": ("j.log", STUDY_ENTRY + b"GARBAGE LINE\n" + STUDY_ENTRY, "line 2 is not JSON"),
+    "no study name": ("j.log", b'{"op_code":0}\n', "Optuna: KeyError: 'study_name'"),
+    "unknown op_code": ("j.log", b'{"op_code":"hello"}\n', "Optuna: AssertionError: "),
+}
 
 
-@pytest.mark.parametrize("kind", NOT_JOURNALS)
+@pytest.mark.parametrize("kind", [*NOT_JOURNALS, *UNREADABLE_JOURNALS])
 def test_a_storage_file_that_is_not_a_journal_is_refused_and_left_as_it_was(workdir, mnist_dir, kind):
-    name, contents = NOT_JOURNALS[kind]
+    name, contents, *reason = NOT_JOURNALS.get(kind) or UNREADABLE_JOURNALS[kind]
     path = workdir / name
     if contents is None:
         sqlite_file(path)
@@ -305,12 +326,35 @@ def test_a_storage_file_that_is_not_a_journal_is_refused_and_left_as_it_was(work
         path.write_bytes(contents)
     before = path.read_bytes()
     message = error_of(*tune_args(mnist_dir, write_search(workdir), 2, f"--storage={path.name}"))
-    assert message == (
-        f"mnist_lit: error: --storage {path.name}: not an Optuna journal file (its first line is not a "
-        "journal entry); give a new file's path, a database URL, or the journal of the study"
-    )
+    if reason:
+        assert message.startswith(
+            f"mnist_lit: error: --storage {path.name}: not a readable Optuna journal ({reason[0]}"
+        ), message
+    else:
+        assert message == (
+            f"mnist_lit: error: --storage {path.name}: not an Optuna journal file (its first line is not a "
+            "journal entry); give a new file's path, a database URL, or the journal of the study"
+        )
     assert path.read_bytes() == before
     assert sorted(p.name for p in workdir.iterdir()) == sorted([path.name, "search.yaml"])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_storage_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path, mnist_dir, kind):
+    # In a process of its own, guarded: a FIFO nobody writes to blocks whoever reads it.
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "study.log")
+    storage = "study.log" if kind == "fifo" else os.devnull
+    search = write_search(tmp_path)
+    proc = run_guarded(
+        tune_command(*tune_args(mnist_dir, search, 2, f"--storage={storage}")), tmp_path, TIMEOUT
+    )
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        f"mnist_lit: error: --storage {storage}: not a regular file (a device, FIFO or socket): give a "
+        "journal file's path"
+    ], proc.stderr[-5000:]
+    expected = ["search.yaml", "study.log"] if kind == "fifo" else ["search.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected  # no tune/search/ folder
 
 
 def test_the_study_folder_of_a_study_in_another_storage_is_refused_before_any_trial(study):
