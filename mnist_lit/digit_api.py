@@ -95,7 +95,7 @@ def file_kind(data: bytes) -> str:
     """What an upload that is neither PNG nor JPEG is, for its refusal: "a GIF file", "not an image file"."""
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            return f"a {image.format} file"
+            return f"{'an' if image.format[0] in 'AEIOU' else 'a'} {image.format} file"
     except Exception:  # UnidentifiedImageError, or a plugin failing on a header it half-recognised
         return "not an image file"
 
@@ -383,7 +383,7 @@ def run_server(
     server.app.add_exception_handler(RequestValidationError, one_sentence_error)
     # How long LitServe lets uvicorn finish in-flight requests once stopping (LitServe's own default: 30 s).
     server.uvicorn_graceful_timeout = DRAIN_SECONDS
-    shown = "localhost" if host == "127.0.0.1" else host
+    shown = "localhost" if host == "127.0.0.1" else f"[{host}]" if ":" in host else host  # an IPv6 URL
     print(f"serve: the page is at http://{shown}:{port}/, the API at /predict (Ctrl-C to stop)", flush=True)
     stop_on_signals()
     try:

@@ -113,7 +113,8 @@ def image_files(path: Path) -> list[Path]:
 def pixel_count(pixels: int) -> str:
     """A number of pixels as a refusal says it: in megapixels from a million up, else in pixels (a small
     --max_pixels was "0.005 megapixels", and an image under it "0.0 megapixels")."""
-    return f"{pixels / 1e6:g} megapixels" if pixels >= 1_000_000 else f"{pixels} pixels"
+    number, unit = (f"{pixels / 1e6:g}", "megapixel") if pixels >= 1_000_000 else (str(pixels), "pixel")
+    return f"{number} {unit}" + ("" if number == "1" else "s")
 
 
 def read_grey(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:

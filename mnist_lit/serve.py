@@ -25,7 +25,8 @@ from mnist_lit.runs import newest_run
 
 def port_in_use(host: str, port: int) -> UserError:
     return UserError(
-        f"--port {port} is already in use on {host}: stop what listens there, or choose another --port"
+        f"--port {port} is already in use on {host if ':' not in host else f'[{host}]'}: stop what listens "
+        "there, or choose another --port"
     )
 
 

@@ -229,6 +229,8 @@ def test_a_budget_is_said_in_pixels_under_a_megapixel_never_as_0_0_megapixels():
     for max_pixels, size, words in (
         (5000, (84, 84), "84x84 pixels (7056 pixels), more than the 5000 pixels allowed"),
         (1_500_000, (1300, 1200), "1300x1200 pixels (1.56 megapixels), more than the 1.5 megapixels allowed"),
+        (1, (2, 1), "2x1 pixels (2 pixels), more than the 1 pixel allowed"),
+        (1_000_000, (1000, 1001), "1000x1001 pixels (1.001 megapixels), more than the 1 megapixel allowed"),
     ):
         message = str(refusal(png_bomb(*size), max_pixels=max_pixels))
         assert words in message and "0.0" not in message, message

@@ -266,6 +266,19 @@ def test_start_up_errors_are_one_line(run_folder, tmp_path, monkeypatch):
         assert message.startswith("mnist_lit: error: ") and words in message and "\n" not in message
 
 
+def test_an_ipv6_address_is_written_in_brackets(run_folder):
+    checkpoint = next((run_folder / "lightning_logs").rglob("last.ckpt"))
+    with socket.socket(socket.AF_INET6) as taken:
+        try:
+            taken.bind(("::", port := free_port()))
+        except OSError:
+            pytest.skip("no IPv6 on this machine")
+        taken.listen()
+        with pytest.raises(SystemExit) as exit_info:
+            cli("serve", f"--ckpt_path={checkpoint}", "--host=::", f"--port={port}")
+    assert f"--port {port} is already in use on [::]: stop" in str(exit_info.value.code)
+
+
 @pytest.mark.slow
 def test_port_in_use_and_bad_flags_end_in_one_line_without_traceback(run_folder):
     with socket.socket() as taken:
