@@ -301,7 +301,8 @@ class DigitAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         # Ctrl-C reaches the whole process group; the main process stops this worker without a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        end_with_the_server(self.server)  # spawned, not forked: child_of_the_server did not run here
+        if os.getpid() != self.server:  # a worker LitServe spawned (child_of_the_server ran only in forks)
+            end_with_the_server(self.server)
         self.device = torch.device(device)
         if self.device.type == "cpu":
             # Batching is the parallelism here: intra-op threads on tensors this small mostly wait.

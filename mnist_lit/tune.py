@@ -397,7 +397,9 @@ def storage_flag(text: str) -> str:
     except Exception:  # a journal file's path, or a URL that open_storage says is wrong
         return text
     if url.get_backend_name() == "sqlite" and (
-        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+        url.database in (None, "", ":memory:")
+        or url.query.get("mode") == "memory"
+        or url.database.startswith("file::memory:")  # SQLite's URI form (with uri=true)
     ):
         raise argparse.ArgumentTypeError(
             f"{text} is an in-memory database, gone when the process ends and seen by no other worker: "

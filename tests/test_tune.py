@@ -282,8 +282,12 @@ def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnis
 
 
 @pytest.mark.parametrize(
-    "url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:"]
-)
+    "url",
+    [
+        "sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:",
+        "sqlite:///file::memory:?cache=shared&uri=true",
+    ],
+)  # fmt: skip
 def test_an_in_memory_storage_is_refused_as_a_bad_flag(workdir, mnist_dir, capsys, url):
     line = parse_error_of(capsys, *tune_args(mnist_dir, write_search(workdir), 2, f"--storage={url}"))
     assert f"argument --storage: {url} is an in-memory database" in line
