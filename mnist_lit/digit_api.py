@@ -67,7 +67,8 @@ class Refused(ValueError):
 
 def digit_of_upload(image: str, max_pixels: int) -> bytes:
     """``"image"``'s base64 as the MNIST-style digit's 28x28 uint8 pixels, or Refused saying why not."""
-    text = image.split(",", 1)[-1] if image.startswith("data:") else image  # no comma: invalid below
+    # A data: URL's scheme, like any URL's, in any case; without a comma it is invalid base64 below.
+    text = image.split(",", 1)[-1] if image[:5].lower() == "data:" else image
     try:
         data = base64.b64decode(text, validate=True)
     except ValueError:  # binascii.Error, or characters that are not ASCII at all
@@ -126,6 +127,11 @@ class DigitRequest(BaseModel):
         return torch.frombuffer(bytearray(self._digit), dtype=torch.uint8).view(1, SIZE, SIZE)
 
 
+def first_header(scope: Scope, name: bytes) -> bytes | None:
+    """A request header's first value, as Starlette and FastAPI read it (``dict`` would keep the last)."""
+    return next((value for key, value in scope["headers"] if key == name), None)
+
+
 def media_type(content_type: str) -> str:
     """A Content-Type header's media type as RFC 9110 compares it: lowercase, without parameters
     ("Application/JSON; charset=utf-8" is "application/json", "application/jsonx" is not)."""
@@ -182,7 +188,7 @@ class Body:
             await self.app(scope, receive, send)
             return
         request = f"{scope['method']} {scope['path']}"
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = first_header(scope, b"content-length") or b""
         if declared.isdigit() and int(declared) > self.max_bytes:
             await refusal(413, self.too_large)(scope, receive, send)
             return
@@ -211,7 +217,7 @@ class Body:
             return  # the client went away: nobody to answer
         body = b"".join(chunks)
         if scope["path"] == "/predict" and body:  # an empty one: FastAPI's 400 says "empty"
-            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            content_type = (first_header(scope, b"content-type") or b"").decode("latin-1")
             if media_type(content_type) != "application/json":
                 sent_as = content_type or "no content type"
                 detail = f"the body is sent as {sent_as}: {EXPECTED}, as application/json"
@@ -243,7 +249,11 @@ class Body:
             return Refused(f"the body is JSON nested too deeply: {EXPECTED}", 400)
         except UnicodeDecodeError:  # FastAPI's answer: "There was an error parsing the body"
             return Refused(f"the body is not UTF-8 text, so not valid JSON: {EXPECTED}", 400)
-        except (ValueError, AttributeError):
+        except json.JSONDecodeError:  # FastAPI's validation says where
+            return None
+        except ValueError:  # json's own limits, e.g. an integer of over 4,300 digits
+            return Refused(f"the body is not JSON that can be read: {EXPECTED}", 400)
+        except AttributeError:  # JSON, but not an object
             return None
         if not isinstance(image, str):
             return None
@@ -263,7 +273,7 @@ class ApiKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"x-api-key")
+            given = first_header(scope, b"x-api-key")
             if given is None or not secrets.compare_digest(given, self.key):
                 which = "no X-API-Key header" if given is None else "a wrong X-API-Key"
                 detail = (

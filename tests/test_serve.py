@@ -133,6 +133,10 @@ def test_served_answers_equal_predict_for_the_same_files(server, expected):
         response = post(server, {"image": encoded(picture, "JPEG" if "jp" in name else "PNG")})
         assert response.status_code == 200, response.text
         check_answer(response.json(), expected[name])
+    for scheme in ("data:", "DATA:"):  # a data: URL, as a browser's canvas gives it; schemes in any case
+        response = post(server, {"image": f"{scheme}image/png;base64,{encoded(pictures()['a.png'])}"})
+        assert response.status_code == 200, response.text
+        check_answer(response.json(), expected["a.png"])
     assert requests.get(f"{server.url}/health", timeout=30).text == "ok"
     for _ in range(2):  # the second one too: a shared response object once broke it
         page = requests.get(f"{server.url}/", timeout=30)
@@ -184,6 +188,9 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
         ),
         "JSON without a content type": ({"data": good}, 415, "sent as no content type"),
         "invalid UTF-8": ({"data": b'{"image": "\xff"}', "headers": as_json}, 400, "not UTF-8 text"),
+        "an integer of 5,000 digits": (
+            {"data": b'{"image": "x", "n": ' + b"1" * 5000 + b"}", "headers": as_json}, 400, "not JSON that can be read",
+        ),
         "a GIF": ({"json": {"image": encoded(pictures()["a.png"], "GIF")}}, 422, '"image" is a GIF file'),
     }  # fmt: skip
 
