@@ -189,7 +189,8 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
         "JSON without a content type": ({"data": good}, 415, "sent as no content type"),
         "invalid UTF-8": ({"data": b'{"image": "\xff"}', "headers": as_json}, 400, "not UTF-8 text"),
         "an integer of 5,000 digits": (
-            {"data": b'{"image": "x", "n": ' + b"1" * 5000 + b"}", "headers": as_json}, 400, "not JSON that can be read",
+            {"data": b'{"image": "x", "n": ' + b"1" * 5000 + b"}", "headers": as_json}, 400,
+            "not JSON that can be read",
         ),
         "a GIF": ({"json": {"image": encoded(pictures()["a.png"], "GIF")}}, 422, '"image" is a GIF file'),
     }  # fmt: skip
