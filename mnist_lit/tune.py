@@ -224,9 +224,9 @@ class Study:
         file = stored_file(url)
         backend = None if file is not None and not file.exists() else open_storage(url)
         self.check_folder(url, backend)
-        if storage is None:  # the default database is made in the study's folder
-            self.folder.mkdir(parents=True, exist_ok=True)
         if backend is None:
+            if storage is None:  # the default database is made in the study's folder
+                self.folder.mkdir(parents=True, exist_ok=True)
             backend = open_storage(url)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.study = optuna.create_study(
@@ -421,20 +421,19 @@ def check_journal(path: str) -> None:
         )
     with file.open("rb") as f:
         first = f.readline(1 << 20)  # a bounded read: a big binary file may have no newline at all
-    # Optuna's journal is JSON lines, each an operation with an op_code; an empty file is a new journal.
-    try:
-        entry = json.loads(first) if first.endswith(b"\n") else None
-    except ValueError:  # not JSON, or not UTF-8
-        entry = None
-    if first and not (isinstance(entry, dict) and "op_code" in entry):
-        raise UserError(
-            f"--storage {path}: not an Optuna journal file (its first line is not a journal entry); give a "
-            "new file's path, a database URL, or the journal of the study"
-        )
-    # Optuna's replay skips a last line that is not JSON (taken for one being written) and would append
-    # after it; the journal then no longer replays. Only complete lines: another worker may be writing.
-    with file.open("rb") as f:
-        for number, line in enumerate(f, 1):
+        # Optuna's journal is JSON lines, each an operation with an op_code; an empty file is a new journal.
+        try:
+            entry = json.loads(first) if first.endswith(b"\n") else None
+        except ValueError:  # not JSON, or not UTF-8
+            entry = None
+        if first and not (isinstance(entry, dict) and "op_code" in entry):
+            raise UserError(
+                f"--storage {path}: not an Optuna journal file (its first line is not a journal entry); give "
+                "a new file's path, a database URL, or the journal of the study"
+            )
+        # Optuna's replay skips a last line that is not JSON (taken for one being written) and would append
+        # after it; the journal then no longer replays. Only complete lines: another worker may be writing.
+        for number, line in enumerate(f, 2):
             try:
                 if line.endswith(b"\n"):
                     json.loads(line)

@@ -354,6 +354,15 @@ def serve_process(folder: Path, *args: str, env: dict | None = None, timeout: fl
         kill_session(process)
 
 
+def assert_session_ends(process: subprocess.Popen, seconds: float) -> None:
+    """Within ``seconds``, no process of ``process``'s session is left (each one's command line if not)."""
+    deadline = time.monotonic() + seconds
+    while session_processes(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = session_processes(process.pid)
+    assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+
+
 def start_serve(folder: Path, port: int, *args: str, env: dict | None = None, name: str = "serve"):
     """`serve --port=PORT ARGS` in a session of its own; (Popen, the log of its stdout and stderr)."""
     log = folder / f"{name}_{port}.log"
@@ -397,11 +406,7 @@ def test_a_signal_to_the_main_process_answers_requests_in_flight_then_stops_ever
             answers = [future.result() for future in in_flight]
         assert [answer.status_code for answer in answers] == [200] * 3, [a.text for a in answers]
         assert stopped < 15, f"{stopped:.1f} s to stop"
-        deadline = time.monotonic() + 5
-        while session_processes(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = session_processes(process.pid)
-        assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+        assert_session_ends(process, seconds=5)
         assert port_is_free(port)
         output = log.read_text()
         assert "Traceback" not in output and output.rstrip().endswith("serve: stopped"), output
@@ -447,11 +452,7 @@ def test_closing_the_terminal_stops_every_process_and_frees_the_port(run_folder)
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pytest.fail("serve still running 30 s after its terminal closed")
-        deadline = time.monotonic() + 10
-        while session_processes(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = session_processes(process.pid)
-        assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+        assert_session_ends(process, seconds=10)
         assert port_is_free(port)
     finally:
         if terminal is not None:
@@ -467,11 +468,7 @@ def test_a_serve_killed_outright_leaves_no_process_serving(run_folder):
         assert len(started) >= 4, started  # serve, LitServe's HTTP server, its manager, the worker
         process.kill()
         process.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while session_processes(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = session_processes(process.pid)
-        assert left == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in left]
+        assert_session_ends(process, seconds=20)
         assert port_is_free(int(url.rsplit(":", 1)[1]))
 
 
