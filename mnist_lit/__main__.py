@@ -55,9 +55,10 @@ def end_with_launcher() -> None:
     """
     if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
+    launcher = os.getppid()  # compared below, not 1: in a container the launcher may itself be pid 1
     PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the line above took effect
+    if os.getppid() != launcher:  # the launcher died before the line above took effect
         os._exit(1)
 
 

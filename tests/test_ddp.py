@@ -8,8 +8,10 @@ import contextlib
 import csv
 import math
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -30,6 +32,7 @@ from tests.helpers import (
     idx_bytes,
     run_guarded,
     session_processes,
+    subprocess_env,
     synthetic_digits,
     wait_all,
     write_mnist,
@@ -368,3 +371,24 @@ def test_ctrl_c_at_twenty_moments_of_a_ddp_fit_stops_every_time(tmp_path, mnist_
             chains.append(pool.submit(ctrl_c_chain, folder, mnist_dir, moments, first))
         for chain in chains:
             print(chain.result())  # a chain's failed assertion is raised here
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs Linux, root and unshare for a process namespace of its own",
+)
+def test_a_rank_whose_launcher_is_pid_1_goes_on(tmp_path):
+    # torchrun as a container's entrypoint is pid 1 there: its ranks' parent is 1 from the start, which
+    # must not read as "the launcher died" (__main__.end_with_launcher).
+    rank = "from mnist_lit.__main__ import end_with_launcher; end_with_launcher(); print('rank goes on')"
+    launcher = (
+        "import os, subprocess, sys\n"
+        "assert os.getpid() == 1\n"
+        "env = {**os.environ, 'LOCAL_RANK': '1'}\n"
+        f"sys.exit(subprocess.run([sys.executable, '-c', {rank!r}], env=env).returncode)\n"
+    )
+    result = subprocess.run(
+        ["unshare", "--fork", "--pid", "--mount-proc", sys.executable, "-c", launcher],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "rank goes on", result.stdout + result.stderr
