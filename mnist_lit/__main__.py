@@ -17,9 +17,9 @@ import warnings
 # command -> (module whose main(argv) runs it, what it does). Lightning's four say what LightningCLI says.
 COMMANDS = {
     "fit": ("mnist_lit.cli", "Runs the full optimization routine."),
-    "validate": ("mnist_lit.cli", "Perform one evaluation epoch over the validation set."),
-    "test": ("mnist_lit.cli", "Perform one evaluation epoch over the test set."),
-    "predict": ("mnist_lit.cli", "Run inference on your data."),
+    "validate": ("mnist_lit.evaluate", "Perform one evaluation epoch over the validation set."),
+    "test": ("mnist_lit.evaluate", "Perform one evaluation epoch over the test set."),
+    "predict": ("mnist_lit.evaluate", "Run inference on your data."),
     "export": ("mnist_lit.export", "The trained model as one ONNX or TorchScript file."),
     "stats": ("mnist_lit.stats", "The training set's pixel mean and std (the normalization constants)."),
     "serve": ("mnist_lit.serve", "The trained model behind an HTTP API, and a page to draw digits on."),
@@ -77,6 +77,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     end_with_launcher()
+    try:
+        run(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside training (importing, loading data, parsing): faults.py for it
+        sys.exit("mnist_lit: error: interrupted")
+
+
+def run(argv: list[str]) -> None:
+    """Runs ``argv``'s command, its errors as one line."""
     if argv[0] in ("fit", "tune"):
         from mnist_lit.allocator import keep_freed_memory
 
@@ -98,8 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         if (line := explained(err)) is None:
             raise
         sys.exit(f"mnist_lit: error: {line}")
-    except KeyboardInterrupt:  # Ctrl-C outside training (loading data, parsing); in training see faults.py
-        sys.exit("mnist_lit: error: interrupted")
 
 
 if __name__ == "__main__":

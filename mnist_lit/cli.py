@@ -8,7 +8,6 @@ run's checkpoint brings that run's data settings), safe checkpoint loading, and 
 
 import inspect
 import sys
-import warnings
 from pathlib import Path
 
 from lightning.pytorch import Trainer
@@ -22,7 +21,6 @@ from mnist_lit.errors import UserError
 from mnist_lit.model import MNISTClassifier
 
 DEFAULTS = Path(__file__).parent / "defaults"
-EVALUATION_COMMANDS = ("validate", "test", "predict")
 RUN_LOGGER = "mnist_lit.logger.RunLogger"
 # --ckpt_path values that Lightning resolves itself rather than reading a file.
 SPECIAL_CHECKPOINTS = ("best", "last", "hpc", "registry")
@@ -83,28 +81,26 @@ class MNISTCLI(LightningCLI):
             help="When --trainer.precision is not set: bf16-mixed where the device computes bf16 natively "
             "(CUDA compute capability >= 8.0, CPUs with AMX or AVX512-BF16), 32-true elsewhere.",
         )
-        if parser.command == "predict":  # a callback with flags of its own: --predictions.output
-            from mnist_lit.predict import PredictionWriter
-
-            parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
-        command = self.config.get("subcommand")
-        if command in EVALUATION_COMMANDS:  # what the checkpoint's run adds (runs.py)
-            from mnist_lit.runs import evaluation_args
+        given = list(sys.argv[1:] if args is None else args)
+        root = Path(self._section(self.config).trainer.default_root_dir or ".") / "lightning_logs"
+        if self._section(self.config).get("ckpt_path") == "last":  # Lightning's "last" is in the new run
+            from mnist_lit.runs import last_of_newest_run
 
-            given = list(sys.argv[1:] if args is None else args)
-            root = Path(self.config[command].trainer.default_root_dir or ".") / "lightning_logs"
-            with_run = evaluation_args(given, command, self._checkpoint_file(), root)
-            if with_run != given:
-                self.config = parser.parse_args(with_run)
+            given.append(f"--ckpt_path={last_of_newest_run(root, self.command)}")
+            self.config = parser.parse_args(given)
+        self.add_run_settings(parser, given, root)
         # Lightning reads the checkpoint's hyperparameters right after parsing, and a bad file would end
         # in torch's traceback: load it the safe way first, which says what is wrong in one line.
         if path := self._checkpoint_file():
             from mnist_lit.runs import load_checkpoint
 
             self.checkpoint = load_checkpoint(path)
+
+    def add_run_settings(self, parser: LightningArgumentParser, given: list[str], log_root: Path) -> None:
+        """What the run of the checkpoint adds to an evaluation's flags (evaluate.py); nothing for fit."""
 
     def _section(self, config):
         """The part of ``config`` (parsed, or instantiated) for the command being run (tune's fits have no
@@ -164,58 +160,54 @@ class MNISTCLI(LightningCLI):
         max_epochs = self.trainer.max_epochs
         if max_epochs == 0:
             raise UserError("--trainer.max_epochs 0 trains nothing: give 1 or more (the seed recipe's is 10)")
+        if self.trainer.logger is None:  # else config.yaml lands in the working folder and fails the next fit
+            raise UserError(
+                "--trainer.logger false: a run lives in the folder its logger makes, "
+                "lightning_logs/version_N (checkpoints, config.yaml, curves), where test, predict, export "
+                "and serve find it"
+            )
         self._check_checkpoint()
         if self.checkpoint is not None:
             from mnist_lit.runs import check_resumable
 
             check_resumable(self.checkpoint, self._checkpoint_file(), max_epochs)
 
-    def _before_evaluation(self) -> None:
-        # An evaluation needs none of the callbacks that wrote the checkpoint, which Lightning warns about.
-        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used")
-        self._check_checkpoint()
-
-    before_validate = before_test = before_predict = _before_evaluation
-
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; stopped by SIGTERM or Ctrl-C, it ends with a checkpoint and one line."""
+        self._stoppable(self.trainer.fit, **kwargs)
+
+    def _stoppable(self, run, **kwargs) -> None:
+        """``run`` (a Trainer method); stopped by a signal, it ends in one line, with where a fit was."""
         try:
-            self.trainer.fit(**kwargs)
-        except SIGTERMException:
+            run(**kwargs)
+        except (SIGTERMException, SystemExit) as stop:
+            # Ctrl-C outside training steps (an evaluation, fit's sanity check): Lightning's silent exit(1)
+            if isinstance(stop, SystemExit) and not self.trainer.interrupted:
+                raise
             if not self.trainer.is_global_zero:  # said once, by rank 0
                 sys.exit(1)
             from mnist_lit.messages import interrupted
 
-            raise UserError(interrupted(self.trainer)) from None
+            raise UserError(interrupted(self.trainer) if self.command == "fit" else "interrupted") from None
 
     def after_fit(self) -> None:
         from mnist_lit.tracking import print_fit_summary  # here, after the progress bar's last line
 
         print_fit_summary(self.trainer)
 
-    def after_validate(self) -> None:
-        self._print_summary("val")
 
-    def after_test(self) -> None:
-        self._print_summary("test")
-
-    def _print_summary(self, stage: str) -> None:
-        """The evaluation's accuracy and loss in one line, under Lightning's table."""
-        metrics = self.trainer.callback_metrics
-        if self.trainer.is_global_zero and f"{stage}/acc" in metrics:
-            acc, loss = float(metrics[f"{stage}/acc"]), float(metrics[f"{stage}/loss"])
-            print(f"{stage}/acc {acc:.2%}  {stage}/loss {loss:.4f}")
-
-
-def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) -> MNISTCLI:
+def build_cli(
+    args: ArgsType = None, run: bool = True, callbacks: tuple = (), cli_class: type = MNISTCLI
+) -> MNISTCLI:
     """The project's LightningCLI for ``args`` (a command and its flags); with ``run=False``, a ``fit`` of
-    these flags whose classes are built but not run (tune), with ``callbacks`` added to the run's own."""
+    these flags whose classes are built but not run (tune), with ``callbacks`` added to the run's own.
+    ``cli_class``: MNISTCLI for fit, evaluate.EvaluationCLI for the evaluations."""
     argv = list(sys.argv[1:] if args is None else args)
     command = argv[0] if run else "fit"
     kwargs = {"command": command, "default_config_files": [DEFAULTS / f"{command}.yaml"]}
     # --help's description: the Trainer method's first paragraph (LightningCLI shows its first line only).
     kwargs["description"] = " ".join(inspect.getdoc(getattr(Trainer, command)).split("\n\n")[0].split())
-    cli = MNISTCLI(
+    cli = cli_class(
         MNISTClassifier,
         MNISTDataModule,
         seed_everything_default=42,
@@ -231,7 +223,7 @@ def build_cli(args: ArgsType = None, run: bool = True, callbacks: tuple = ()) ->
 
 
 def main(argv: list[str]) -> None:
-    """``python -m mnist_lit fit|validate|test|predict ARGS`` (routed here by __main__.py)."""
+    """``python -m mnist_lit fit ARGS`` (routed here by __main__.py)."""
     build_cli(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
 
 

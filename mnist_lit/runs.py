@@ -122,6 +122,27 @@ def newest_run(log_root: Path) -> Run:
     return run
 
 
+def last_of_newest_run(log_root: Path, command: str) -> str:
+    """What ``--ckpt_path last`` means: the newest run's last.ckpt, which a fit resumes in its run.
+
+    (Lightning's own "last" looks in the folder of the run being started, where a new process has none,
+    and trains from scratch.) A fit with no run to resume starts a new one, saying so: "null".
+    """
+    for run in map(Run, run_folders(log_root)):
+        if (last := run.log_dir / "checkpoints" / "last.ckpt").is_file():
+            if command != "fit" and rank_zero_only.rank == 0:
+                print(f"{command}: using {last}")
+            return str(last)
+    if command != "fit":
+        raise UserError(
+            f"--ckpt_path last: no run under {log_root}/ has a last.ckpt: run `python -m mnist_lit fit` "
+            "first, or pass --ckpt_path to a checkpoint"
+        )
+    if rank_zero_only.rank == 0:  # every DDP process parses the command line
+        print(f"--ckpt_path last: no run under {log_root}/ has a last.ckpt to resume: starting a new run")
+    return "null"
+
+
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint's contents without executing any code stored in it (``weights_only``).
 
@@ -190,8 +211,21 @@ def evaluation_args(given: list[str], command: str, checkpoint: Path | None, log
             print(f"{command}: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
     run = Run.of_checkpoint(checkpoint)
     if run is not None and run.settings("data"):
-        args.insert(args.index(command) + 1, f"--data={json.dumps(run.settings('data'))}")
+        args.insert(args.index(command) + 1, f"--data={json.dumps(run_data_settings(run))}")
     return args
+
+
+def run_data_settings(run: Run) -> dict:
+    """The data settings ``run`` was trained with, a relative ``data_dir`` made absolute where it names a
+    folder beside the run's log root: relative to the folder that fit ran in, which an evaluation run
+    from another folder would otherwise miss."""
+    settings = dict(run.settings("data"))
+    recorded = settings.get("data_dir")
+    if isinstance(recorded, str) and not Path(recorded).is_absolute():
+        beside_log_root = run.log_dir.parent.parent / recorded
+        if beside_log_root.is_dir():
+            settings["data_dir"] = str(beside_log_root.resolve())
+    return settings
 
 
 def log_into_run(logger_settings, checkpoint: Path, command: str) -> str | None:
@@ -206,6 +240,14 @@ def log_into_run(logger_settings, checkpoint: Path, command: str) -> str | None:
     if run is None:
         return None
     if command == "fit":
+        for folder in (run.log_dir, Path(checkpoint).parent):  # where its curves and checkpoints go on
+            try:  # else TensorBoard's writer thread fails later, in a traceback of its own
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as err:
+                raise UserError(
+                    f"--ckpt_path {checkpoint}: cannot resume its run: cannot write in {folder}: "
+                    f"{err.strerror or err}"
+                ) from None
         logger_settings.save_dir, logger_settings.name = str(run.log_dir.parent), ""
         # version_N as the number N, which TensorBoardLogger files as version_N (and shows as v_num).
         number = run.log_dir.name.removeprefix("version_")
@@ -215,14 +257,52 @@ def log_into_run(logger_settings, checkpoint: Path, command: str) -> str | None:
     return "inside"
 
 
+def one_cycle_epochs(checkpoint: dict, path: Path) -> int | None:
+    """The epochs over which the one-cycle learning rate of ``checkpoint`` (loaded from ``path``) was
+    planned, if it has one.
+
+    OneCycleLR fixes its length in steps when it is made and anneals the rate to about 0 at the end:
+    a resumed run cannot go past it (torch refuses the next step). Its length in epochs follows from the
+    steps it took per batch trained so far and the batches of a whole epoch; before the first epoch has
+    ended, from the epochs its run was started with.
+    """
+    schedule = next((s for s in checkpoint.get("lr_schedulers") or [] if "total_steps" in s), None)
+    if schedule is None:
+        return None
+    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    trained, this_epoch = batches.get("total", {}).get("ready", 0), batches.get("current", {}).get("ready", 0)
+    done, steps = epochs_completed(checkpoint), schedule.get("last_epoch", 0)
+    whole_epochs = trained if batches.get("is_last_batch") else trained - this_epoch
+    if done and whole_epochs and steps:
+        steps_per_epoch = steps / trained * whole_epochs / done
+        return round(schedule["total_steps"] / steps_per_epoch)
+    # Stopped inside its first epoch, whose length is not known yet: the epochs its run was started with.
+    run = Run.of_checkpoint(path)
+    planned = (run.settings("trainer") if run else {}).get("max_epochs")
+    return planned if isinstance(planned, int) and planned > 0 else None
+
+
 def check_resumable(checkpoint: dict, path: Path, max_epochs: int | None) -> None:
-    """Raise UserError when resuming ``checkpoint`` would train nothing: it has its epochs already."""
-    done = epochs_completed(checkpoint)
+    """Raise UserError when resuming ``checkpoint`` would train nothing (it has its epochs already), or
+    more epochs than its one-cycle schedule has."""
+    done, planned = epochs_completed(checkpoint), one_cycle_epochs(checkpoint, path)
+    new_fit = "start a new fit with the --trainer.max_epochs you want"
     if max_epochs is not None and max_epochs >= 0 and done >= max_epochs:
+        further = (
+            f"its one-cycle learning rate ended with them: to train longer, {new_fit}"
+            if planned is not None and done >= planned
+            else f"to train further, pass --trainer.max_epochs {done + 5} (or any number above the epochs "
+            "done)"
+        )
         raise UserError(
             f"{path} has already trained {done} epoch(s), and --trainer.max_epochs is {max_epochs}: there is "
-            f"nothing left to train; to train further, pass --trainer.max_epochs {done + 5} (or any number "
-            "above the epochs done)"
+            f"nothing left to train; {further}"
+        )
+    if planned is not None and (max_epochs is None or max_epochs < 0 or max_epochs > planned):
+        raise UserError(
+            f"{path} was trained with a one-cycle learning rate planned over {planned} epochs, which ends "
+            f"there: it cannot go on to --trainer.max_epochs {max_epochs}; resume it with "
+            f"--trainer.max_epochs {planned} or less, or {new_fit}"
         )
 
 

@@ -137,3 +137,5 @@ def print_fit_summary(trainer: L.Trainer) -> None:
         score = checkpoint.best_model_score
         score_text = "" if score is None else f" with {checkpoint.monitor} {float(score):.4f}"
         print(f"Best checkpoint: {checkpoint.best_model_path}{score_text}")
+    if trainer.fast_dev_run:  # Lightning then runs without its loggers and checkpoints
+        print("fast_dev_run: a trial of a few batches; nothing was saved (no run folder, no checkpoint)")

@@ -49,8 +49,8 @@ class Moment(L.Callback):
     Phases: ``step`` (after a training batch's forward pass, before backward's gradient all-reduce),
     ``step_end`` (after a training step, before the per-step stop decision), ``validation`` (a validation
     batch), ``checkpoint`` (a checkpoint being saved, before it is written), ``epoch_end`` (the training
-    epoch's end, before its collectives), ``sanity_check`` (its start, before training starts). Every
-    batch also sleeps ``ms``, to spread the steps out.
+    epoch's end, before its collectives), ``sanity_check`` (its start, before training starts), ``test``
+    (a test batch). Every batch also sleeps ``ms``, to spread the steps out.
     """
 
     def __init__(
@@ -87,6 +87,9 @@ class Moment(L.Callback):
         time.sleep(self.ms / 1000)
         if not trainer.sanity_checking:
             self.reached(trainer, "validation")
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.reached(trainer, "test")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint) -> None:
         self.reached(trainer, "checkpoint")

@@ -217,6 +217,57 @@ def test_a_run_that_trains_nothing_is_refused_and_leaves_nothing(workdir, mnist_
     assert not (workdir / "lightning_logs").exists()
 
 
+def test_a_fit_without_logger_is_refused_before_it_writes_anything(workdir, mnist_dir):
+    # Without a logger, LightningCLI would save config.yaml in the working folder (and refuse to
+    # overwrite it at the next fit, in a traceback), and Lightning's LearningRateMonitor would then fail.
+    for _ in range(2):
+        message = error_of(*fit_args(mnist_dir, "--trainer.logger=false"))
+        assert message.startswith("mnist_lit: error: --trainer.logger false: a run lives in the folder")
+    assert list(workdir.iterdir()) == []
+
+
+def test_ckpt_path_last_means_the_newest_runs_last_checkpoint(workdir, mnist_dir, capsys):
+    # With no run yet, fit says so and starts one (Lightning's "last" would start one silently).
+    cli(*fit_args(mnist_dir, "--ckpt_path=last", "--trainer.max_epochs=3"))
+    said = capsys.readouterr().out
+    assert "--ckpt_path last: no run under lightning_logs/ has a last.ckpt to resume" in said
+    last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
+
+    def summary(out: str) -> str:
+        return next(line for line in out.splitlines() if line.startswith("val/acc "))
+
+    cli("validate", *QUICK[1:], "--ckpt_path=last")
+    out = capsys.readouterr().out
+    assert "validate: using lightning_logs/version_0/checkpoints/last.ckpt" in out
+    cli("validate", *QUICK[1:], f"--ckpt_path={last}")
+    assert summary(capsys.readouterr().out) == summary(out)
+    # fit goes on in that run, from its last.ckpt: two more epochs, in version_0.
+    cli(*fit_args(mnist_dir, "--ckpt_path=last", "--trainer.max_epochs=5"))
+    assert sorted(p.name for p in (workdir / "lightning_logs").iterdir()) == ["version_0"]
+    assert load_checkpoint(last)["epoch"] == 4
+
+
+def test_ckpt_path_last_without_a_run_is_refused_for_an_evaluation(workdir):
+    message = error_of("test", *QUICK[1:], "--ckpt_path=last")
+    assert "--ckpt_path last: no run under lightning_logs/ has a last.ckpt" in message
+    assert not (workdir / "lightning_logs").exists()
+
+
+def test_last_checkpoint_is_written_every_epoch_when_validation_skips_epochs(workdir, mnist_dir):
+    cli(*fit_args(mnist_dir, "--trainer.check_val_every_n_epoch=2", "--trainer.max_epochs=3"))
+    saved = load_checkpoint(workdir / "lightning_logs/version_0/checkpoints/last.ckpt")
+    assert saved["global_step"] == 3 * 5  # every epoch's training, the third (not validated) included
+    # One epoch and no validation at all: last.ckpt still, which a bare test then finds.
+    cli(*fit_args(mnist_dir, "--trainer.check_val_every_n_epoch=2", "--trainer.max_epochs=1"))
+    assert checkpoints(workdir, version=1) == ["last.ckpt"]
+
+
+def test_fast_dev_run_says_that_it_saved_nothing(workdir, mnist_dir, capsys):
+    cli(*fit_args(mnist_dir, "--trainer.fast_dev_run=true"))
+    assert "fast_dev_run: a trial of a few batches; nothing was saved" in capsys.readouterr().out
+    assert list(workdir.iterdir()) == []
+
+
 def test_print_config_shows_the_recipe(capsys):
     with pytest.raises(SystemExit):
         cli("fit", "--config=configs/mnist.yaml", "--print_config")

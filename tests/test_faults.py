@@ -93,6 +93,51 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, mnist
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
 
 
+def ctrl_c(args: list[str], cwd: Path, marker: Path | None = None, delay: float = 0) -> str:
+    """`python -m mnist_lit ARGS` in ``cwd``, Ctrl-C once ``marker`` appears (or after ``delay`` s): its
+    one line, checked to be the only thing it ended with."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lit", *args],
+        cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if marker is not None:
+        wait_for(marker, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return stderr.strip()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_command_starts_up_ends_in_one_line(workdir, mnist_dir):
+    # One second in, the process is importing Lightning (or, on a fast machine, parsing or loading data).
+    assert ctrl_c(fit_flags(mnist_dir), workdir, delay=1.0) == "mnist_lit: error: interrupted"
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_training_starts_ends_in_one_line_and_leaves_no_run(workdir, mnist_dir):
+    # In the sanity check, before GracefulStop's handler: Lightning's own Ctrl-C path, a silent exit(1).
+    marker = workdir / "sanity-check-under-way"
+    moment = ["--trainer.callbacks+=tests.pacing.Moment", f"--trainer.callbacks.marker={marker}"]
+    moment += ["--trainer.callbacks.phase=sanity_check", "--trainer.callbacks.hold=120"]
+    said = ctrl_c([*fit_flags(mnist_dir), *moment], workdir, marker)
+    stopped = "training stopped by a signal at epoch 0, step 0, before any checkpoint was saved"
+    assert said == f"mnist_lit: error: {stopped}"
+    assert not (workdir / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_test_ends_in_one_line_and_leaves_no_test_folder(trained_copy):
+    marker = trained_copy / "test-under-way"
+    moment = ["--trainer.callbacks+=tests.pacing.Moment", f"--trainer.callbacks.marker={marker}"]
+    moment += ["--trainer.callbacks.phase=test", "--trainer.callbacks.hold=120"]
+    before = sorted((trained_copy / "lightning_logs/version_0").iterdir())
+    assert ctrl_c(["test", *QUICK[1:], *moment], trained_copy, marker) == "mnist_lit: error: interrupted"
+    assert sorted((trained_copy / "lightning_logs/version_0").iterdir()) == before
+
+
 @pytest.mark.slow
 def test_two_runs_started_together_get_their_own_folders(workdir, mnist_dir):
     procs = [start_fit(workdir, mnist_dir, epochs=1) for _ in range(2)]

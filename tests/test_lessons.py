@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lit.cli import build_cli
 from mnist_lit.errors import UserError
+from mnist_lit.evaluate import EvaluationCLI
 from mnist_lit.export import from_checkpoint
 from mnist_lit.lessons import ConvNetWithoutBatchNorm, FullyConnected
 from mnist_lit.model import ConvNet
@@ -77,7 +78,7 @@ def test_a_bare_test_export_and_serve_of_a_lesson_run_rebuild_its_network(mnist_
     lesson = ["--config", str(CONFIGS / "lessons" / "fully_connected.yaml")]
     args = fit_args(mnist_dir, "--trainer.limit_train_batches=2", "--model.net.init_args.hidden=12")
     cli(args[0], *SEED_RECIPE, *lesson, *args[1:])
-    tested = build_cli(["test", *QUICK[1:]])
+    tested = build_cli(["test", *QUICK[1:]], cli_class=EvaluationCLI)
     assert type(tested.model.net) is FullyConnected and tested.model.net.features[1].out_features == 12
     assert 0 < tested.trainer.callback_metrics["test/acc"] <= 1
     # No convolution: no filter or feature-map pictures, and the report's other images are still there.

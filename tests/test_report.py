@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.helpers import cli, error_of, fit_args, synthetic_digits
+from tests.helpers import cli, fit_args, synthetic_digits
 
 # The trained run's own normalization (conftest.TRAINED_RUN).
 TRAINED_MEAN, TRAINED_STD = 0.2, 0.4
@@ -155,13 +155,6 @@ def test_a_progress_bar_of_the_users_own_is_the_only_one(workdir, mnist_dir, cap
     with_bar = [arg for arg in quiet_args if arg != "--trainer.enable_progress_bar=false"]
     cli(*with_bar, "--trainer.callbacks+=TQDMProgressBar")  # Lightning refuses two bars: this one, alone
     assert "━" not in capsys.readouterr().out
-
-
-def test_a_run_without_logger_is_refused_in_one_line(workdir, mnist_dir):
-    # Lightning's LearningRateMonitor, as it is, needs a logger: its own words, as one line.
-    message = error_of(*fit_args(mnist_dir, "--trainer.logger=false", "--trainer.limit_train_batches=1"))
-    assert "Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger" in message
-    assert not (workdir / "lightning_logs").exists()
 
 
 class BarSeen(L.Callback):
