@@ -57,7 +57,17 @@ def write_whole(path: Path, rows: list[tuple[int, int, list[float]]], files: lis
                 reason = err.strerror or err
                 raise UserError(f"could not write {path}: {reason}; nothing was written") from None
             raise
+    # The temporary file is made 0600 (it is private until complete); the CSV is an ordinary file, as
+    # open() would make it: the permissions the umask leaves.
+    os.chmod(f.name, 0o666 & ~current_umask())
     os.replace(f.name, path)
+
+
+def current_umask() -> int:
+    """The process's umask, which can only be read by setting it (and is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class PredictionWriter(BasePredictionWriter):
