@@ -191,6 +191,15 @@ def test_predictions_follow_the_umask(trained_copy):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
 
 
+def test_an_output_folder_for_predictions_is_called_a_folder(trained_copy):
+    (trained_copy / "my_digits").mkdir()
+    message = error_of("predict", *QUICK[1:], "--predictions.output=my_digits")
+    assert message == (
+        "mnist_lit: error: --predictions.output my_digits is a folder: give the name of a CSV file to write"
+    )
+    assert list((trained_copy / "my_digits").iterdir()) == []
+
+
 def test_the_seed_recipe_file_and_the_defaults_agree(capsys):
     configs = []
     for recipe in ([], ["--config=configs/mnist.yaml"]):
