@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from mnist_lit.data import MNIST_MEAN, MNIST_STD
-from mnist_lit.errors import UserError
+from mnist_lit.errors import UserError, flag_error
 from mnist_lit.model import ConvNet, MNISTClassifier
 from mnist_lit.runs import check_checkpoint_fits, check_writable, load_checkpoint, newest_run
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}  # the default output's
+# The names each format's files go by: an --output with the other format's is refused.
+KNOWN_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts")}
+NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript"}
 
 
 class PixelsToLogits(nn.Module):
@@ -80,6 +83,16 @@ def from_checkpoint(path: Path) -> PixelsToLogits:
     return PixelsToLogits(net, float(data["mean"]), float(data["std"])).eval()
 
 
+def check_suffix(target: Path, format: str) -> None:
+    """A flag error when ``target``'s name says the other format (a TorchScript file named .onnx)."""
+    for other, suffixes in KNOWN_SUFFIXES.items():
+        if other != format and target.suffix.lower() in suffixes:
+            flag_error(
+                f"--output {target} names {NAMES[other]} file, but --format is {format}: name it "
+                f"{target.with_suffix(SUFFIXES[format]).name}, or pass --format {other}"
+            )
+
+
 def export(
     format: Literal["onnx", "torchscript"] = "onnx",
     output: str | None = None,
@@ -91,11 +104,20 @@ def export(
     Args:
         format: ``onnx`` (for onnxruntime and other ONNX runtimes) or ``torchscript`` (``torch.jit.load``;
             deprecated by PyTorch in favour of ``torch.export``, kept for libtorch/mobile users).
-        output: file to write; default ``model.onnx`` or ``model.pt`` in the current folder.
+        output: file to write; default ``model.onnx`` or ``model.pt`` in the current folder. A name that
+            says the other format (``.onnx`` for torchscript; ``.pt``, ``.pth``, ``.ts`` for onnx) is refused.
         ckpt_path: checkpoint to export; default the best checkpoint of the newest run in ./lightning_logs.
         overwrite: replace ``output`` if it exists (otherwise an existing file is an error).
     """
     target = Path(output or f"model{SUFFIXES[format]}")
+    check_suffix(target, format)
+    # The checkpoint before the output: a missing or bad one is the error to fix first.
+    if ckpt_path is None:
+        checkpoint, score = newest_run(Path("lightning_logs")).best_checkpoint()
+        print(f"export: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
+    else:
+        checkpoint = Path(ckpt_path)
+    model = from_checkpoint(checkpoint)
     if target.is_dir():  # never replaced, --overwrite or not
         raise UserError(f"--output {target} is a folder: give the name of a file to write")
     if target.exists() and not overwrite:
@@ -106,12 +128,6 @@ def export(
         raise UserError(
             "--format onnx needs the onnx and onnxscript packages: pip install 'mnist_lit[export]'"
         )
-    if ckpt_path is None:
-        checkpoint, score = newest_run(Path("lightning_logs")).best_checkpoint()
-        print(f"export: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
-    else:
-        checkpoint = Path(ckpt_path)
-    model = from_checkpoint(checkpoint)
     example = torch.rand(2, 1, 28, 28)  # batch 2, not 1, so that the batch size is not taken as a constant
     check_writable(target, "--output")
     # Written next to the target and renamed when complete: a failed export never leaves half a file.

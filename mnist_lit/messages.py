@@ -261,14 +261,21 @@ def out_of_space(err: BaseException | None) -> bool:
 
 
 def disk_full(path: Path, checkpoint: dict) -> str:
-    """No space left to write ``checkpoint`` to ``path``; how much it needed."""
+    """No space left to write ``checkpoint`` to ``path``; how much it needed, and what to resume from.
+
+    The checkpoint to resume from is the newest one in the folder (the epoch's best one may have been
+    written just before ``last.ckpt`` failed, and an earlier ``last.ckpt`` is kept whole when its
+    replacement fails); in epoch 0 there may be none at all.
+    """
     import io
 
     import torch
 
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)  # how much the checkpoint needed
-    return (
-        f"no space left in {path.parent} to write {path.name} (about {buffer.tell() / 2**20:.1f} MB): free "
-        "some space there; the checkpoints already written are kept"
-    )
+    needed = f"no space left in {path.parent} to write {path.name} (about {buffer.tell() / 2**20:.1f} MB)"
+    kept = [file for file in path.parent.glob("*.ckpt") if file.is_file()]
+    if not kept:
+        return f"{needed}: free some space there and run again; no checkpoint was written"
+    newest = max(kept, key=lambda file: file.stat().st_mtime_ns)
+    return f"{needed}: free some space there, then resume with the same command plus --ckpt_path={newest}"

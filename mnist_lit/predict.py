@@ -28,10 +28,17 @@ def print_table(rows: list[tuple[str, int, float]]) -> None:
     Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
+def taken(path: Path) -> str:
+    """Why an existing ``--predictions.output`` is refused: never replaced, be it a file or a folder."""
+    if path.is_dir():
+        return f"--predictions.output {path} is a folder: give the name of a CSV file to write"
+    return f"{path} already exists: choose another --predictions.output, or move the file away"
+
+
 def write_whole(path: Path, rows: list[tuple[int, int, list[float]]], files: list[str]) -> None:
     """The CSV at ``path``, whole or not at all: written to a temporary file beside it, then renamed."""
     if path.exists():  # checked before predicting too; this covers a file that appeared meanwhile
-        raise UserError(f"{path} already exists: choose another --predictions.output, or move the file away")
+        raise UserError(taken(path))
     with tempfile.NamedTemporaryFile(
         "w",
         dir=path.parent,
@@ -57,7 +64,17 @@ def write_whole(path: Path, rows: list[tuple[int, int, list[float]]], files: lis
                 reason = err.strerror or err
                 raise UserError(f"could not write {path}: {reason}; nothing was written") from None
             raise
+    # The temporary file is made 0600 (it is private until complete); the CSV is an ordinary file, as
+    # open() would make it: the permissions the umask leaves.
+    os.chmod(f.name, 0o666 & ~current_umask())
     os.replace(f.name, path)
+
+
+def current_umask() -> int:
+    """The process's umask, which can only be read by setting it (and is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -76,9 +93,7 @@ class PredictionWriter(BasePredictionWriter):
         if stage != "predict" or not self.output:
             return
         if Path(self.output).exists():
-            raise UserError(
-                f"{self.output} already exists: choose another --predictions.output, or move the file away"
-            )
+            raise UserError(taken(Path(self.output)))
         from mnist_lit.runs import check_writable
 
         check_writable(Path(self.output), "--predictions.output")

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
-from mnist_lit.errors import UserError
+from mnist_lit.errors import UserError, flag_error
 from mnist_lit.export import from_checkpoint
 from mnist_lit.images import MAX_PIXELS
 from mnist_lit.runs import newest_run
@@ -89,7 +89,8 @@ def serve(
         ckpt_path: checkpoint to serve; default the best checkpoint of the newest run in ./lightning_logs.
         host: address to listen on: 127.0.0.1 or localhost (this machine only), or 0.0.0.0 / :: (every network
             interface: anyone who can reach this machine can use the server; see README).
-        port: TCP port, 1024 to 65535.
+        port: TCP port, 1024 to 65535 (LitServe serves on no other, root or not: forward port 80 to one of
+            these).
         max_batch_size: most requests that one forward pass predicts together.
         batch_timeout: seconds the first request of a batch waits for others to join it.
         accelerator: where the model runs: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
@@ -101,6 +102,11 @@ def serve(
             header (401 otherwise); default the ``LIT_SERVER_API_KEY`` environment variable, LitServe's
             own, which keeps the key out of the process list.
     """
+    if not 1024 <= port <= 65535:  # LitServe's own range, root or not: a bad flag, before any work
+        flag_error(
+            f"--port {port} is not between 1024 and 65535, the ports LitServe serves on: choose one (to be "
+            "reached on port 80, forward port 80 to it: a reverse proxy, or docker run -p 80:8000)"
+        )
     if importlib.util.find_spec("litserve") is None:
         raise UserError("serve needs LitServe: pip install 'mnist_lit[serve]'")
     if accelerator == "cuda" and not torch.cuda.is_available():
@@ -113,8 +119,6 @@ def serve(
     from_checkpoint(checkpoint)  # a bad file ends here in one line, not in a worker process's traceback
     if host == "localhost":  # the loopback by name, as in the page's URL: listen on its IPv4 address
         host = "127.0.0.1"
-    if not 1024 <= port <= 65535:
-        raise UserError(f"--port {port} is not between 1024 and 65535: choose a port in that range")
     with port_lock(host, port):  # for as long as this server runs
         check_port_free(host, port)  # something else (not a serve) listening there
         api_key = api_key or os.environ.get("LIT_SERVER_API_KEY") or None

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -522,10 +523,11 @@ def write_results(study: Study) -> None:
         table.add_row(str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs", "")), *params)
     study.console.print(table)
     best, path = done[0], study.folder / "best.yaml"
-    write_atomic(path, best_recipe(study, best).encode())
+    recipe, command = best_recipe(study, best)
+    write_atomic(path, recipe.encode())
     study.console.print(
-        f"Best recipe: {path} (trial {best.number}, val/acc_best {best.value:.4f}): "
-        f"python -m mnist_lit fit --config {path}"
+        f"Best recipe: {path} (trial {best.number}, val/acc_best {best.value:.4f}): {command}",
+        markup=False,  # a command to copy: a [ in a path is not rich markup
     )
     plots = write_plots(study)
     if plots:
@@ -533,12 +535,14 @@ def write_results(study: Study) -> None:
     study.console.print(f"Every trial in TensorBoard (HPARAMS tab): tensorboard --logdir {study.folder}")
 
 
-def best_recipe(study: Study, best: FrozenTrial) -> str:
-    """best.yaml: the recipe, the flags that fixed settings and the best trial's values, as a recipe.
+def best_recipe(study: Study, best: FrozenTrial) -> tuple[str, str]:
+    """best.yaml: the recipe, the flags that fixed settings and the best trial's values, as a recipe; and
+    the command that trains it.
 
     What differs from fit's defaults (jsonargparse's ``skip_default``). The search's own run settings
     (NOT_RECIPE: data folder, batch limits, progress bar...) are set back to fit's defaults and named in
-    a comment, so that ``fit --config best.yaml`` trains the full recipe.
+    a comment, so that ``fit --config best.yaml`` trains the full recipe. The command keeps the data
+    folder the study used, if one was given: without it fit would look in ./data, or download.
     """
     parser, defaults = study.parser, study.parser.get_defaults()
     config = parser.parse_args([*study.fit_args, *(flag(k, v) for k, v in best.params.items())])
@@ -554,15 +558,19 @@ def best_recipe(study: Study, best: FrozenTrial) -> str:
         for section in sections:
             node = node.setdefault(section, {})
         node[key] = value
+    data = [setting for setting in search_only if setting.startswith("--data.")]
+    command = shlex.join(
+        ["python", "-m", "mnist_lit", "fit", "--config", str(study.folder / "best.yaml"), *data]
+    )
     header = [
         f"# The best trial of tune study {study.name!r} ({study.storage_shown}): trial {best.number}, "
         f"val/acc_best {best.value:.4f}.",
-        f"# python -m mnist_lit fit --config {study.folder / 'best.yaml'}",
+        f"# {command}",
     ]
     if search_only:  # one per line: a data folder's path can be long
         header.append("# The search also ran with these flags; add them to train exactly as the trial did:")
         header += [f"#   {setting}" for setting in search_only]
-    return "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
+    return "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False), command
 
 
 def write_plots(study: Study) -> list[Path]:

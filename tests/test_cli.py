@@ -1,7 +1,9 @@
 """The real CLI, in-process (as Lightning's own LightningCLI tests do), on tiny IDX files."""
 
 import csv
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,29 @@ def test_validate_and_predict_use_the_newest_run(workdir, mnist_dir, capsys):
     message = error_of("predict", *QUICK[1:], "--predictions.output=plain_file/preds.csv")
     assert message.startswith("mnist_lit: error: --predictions.output plain_file/preds.csv: cannot write in")
     assert sorted((workdir / "lightning_logs/version_0").glob("predict_*")) == predict_runs
+
+
+def test_predictions_follow_the_umask(trained_copy):
+    # The CSV is written to a private temporary file and renamed: it must still end up as open() would
+    # make it, not 0600 (027: a umask other than the usual 022, so the mode is not a fixed 0644).
+    mask = os.umask(0o027)
+    try:
+        cli("predict", *QUICK[1:], "--predictions.output=preds.csv")
+        cli("predict", *QUICK[1:])  # the run folder's predictions.csv
+    finally:
+        os.umask(mask)
+    default = next((trained_copy / "lightning_logs").rglob("predictions.csv"))
+    for path in (trained_copy / "preds.csv", default):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+
+
+def test_an_output_folder_for_predictions_is_called_a_folder(trained_copy):
+    (trained_copy / "my_digits").mkdir()
+    message = error_of("predict", *QUICK[1:], "--predictions.output=my_digits")
+    assert message == (
+        "mnist_lit: error: --predictions.output my_digits is a folder: give the name of a CSV file to write"
+    )
+    assert list((trained_copy / "my_digits").iterdir()) == []
 
 
 def test_the_seed_recipe_file_and_the_defaults_agree(capsys):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mnist_lit.data import MNISTDataModule
+from mnist_lit.export import SUFFIXES
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import load_checkpoint, newest_run
-from tests.helpers import AVERAGED, REAL_DATA, cli, error_of, fit_args
+from tests.helpers import AVERAGED, REAL_DATA, cli, error_of, fit_args, parse_error_of
 
 
 @pytest.fixture
@@ -154,3 +155,26 @@ def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(trained
         assert message.startswith(said), message
     assert (trained / "plain_file").read_text() == "not a folder"
     assert not list(trained.rglob("*.partial")) and not list(trained.rglob("model.*"))
+
+
+def test_a_missing_checkpoint_is_said_before_an_existing_output(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    (trained / "model.onnx").write_text("someone's file")
+    assert (
+        error_of("export", "--ckpt_path=nope.ckpt") == "mnist_lit: error: checkpoint nope.ckpt does not exist"
+    )
+    assert (trained / "model.onnx").read_text() == "someone's file"
+
+
+def test_an_output_named_for_the_other_format_is_a_flag_error_before_any_work(workdir, capsys):
+    # No run here: refused before looking for a checkpoint.
+    for export_format, name, other in (
+        ("torchscript", "model.onnx", "onnx"),
+        ("onnx", "net.PTH", "torchscript"),
+    ):
+        line = parse_error_of(capsys, "export", f"--format={export_format}", f"--output={name}")
+        assert line.startswith(f"mnist_lit: error: --output {name} names ") and line.endswith(
+            f"but --format is {export_format}: name it {Path(name).stem}{SUFFIXES[export_format]}, "
+            f"or pass --format {other}"
+        ), line
+    assert list(workdir.iterdir()) == []

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mnist_lit.errors import UserError
 from mnist_lit.faults import AtomicCheckpointIO
 from mnist_lit.runs import load_checkpoint
-from tests.helpers import QUICK, Guarded, cli, last_checkpoint_of_fit, run_guarded, subprocess_env
+from tests.helpers import QUICK, Guarded, cli, error_of, last_checkpoint_of_fit, run_guarded, subprocess_env
 
 # 500 training images in batches of 20: 25 steps an epoch, long enough to be interrupted inside one.
 STEPS_PER_EPOCH = 25
@@ -237,10 +237,34 @@ def test_a_full_disk_names_the_folder_and_the_size_and_removes_the_partial_file(
         writer.save_checkpoint(checkpoint, tmp_path / "run/epoch01.ckpt")
     monkeypatch.undo()
     assert str(error.value) == (
-        f"no space left in {tmp_path / 'run'} to write epoch01.ckpt (about 0.4 MB): free some space there; "
-        "the checkpoints already written are kept"
+        f"no space left in {tmp_path / 'run'} to write epoch01.ckpt (about 0.4 MB): free some space there "
+        "and run again; no checkpoint was written"
     )
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_full_disk_in_epoch_0_names_the_checkpoint_it_kept_and_the_run_resumes_from_it(workdir, mnist_dir):
+    # Epoch 0's best checkpoint is written, then the disk is full for last.ckpt: the line must name the
+    # checkpoint that exists (there is no last.ckpt), and resuming from it must work.
+    save = torch.save
+
+    def full_for_last(obj, f, *args, **kwargs):
+        if str(getattr(f, "name", "")).endswith(".last.ckpt.partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    checkpoints = workdir / "lightning_logs/version_0/checkpoints"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", full_for_last)
+        message = error_of(*fit_flags(mnist_dir))
+    (best,) = checkpoints.iterdir()
+    assert best.name.startswith("epoch00-")
+    assert message.startswith(f"mnist_lit: error: no space left in {checkpoints} to write last.ckpt (about ")
+    assert message.endswith(
+        f"MB): free some space there, then resume with the same command plus --ckpt_path={best}"
+    )
+    cli(*fit_flags(mnist_dir), f"--ckpt_path={best}")
+    assert load_checkpoint(checkpoints / "last.ckpt")["global_step"] == 2 * STEPS_PER_EPOCH
 
 
 def val_acc_points(run: Path) -> list[tuple[int, float]]:

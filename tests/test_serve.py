@@ -38,6 +38,7 @@ from tests.helpers import (
     REAL_DATA,
     cli,
     free_port,
+    parse_error_of,
     running_server,
     session_processes,
     subprocess_env,
@@ -260,18 +261,36 @@ def test_real_mnist_test_digits_served_as_png_are_mostly_right(tmp_path, monkeyp
     assert right >= 85, f"{right} of 100 real test digits served right"
 
 
-def test_start_up_errors_are_one_line(run_folder, tmp_path, monkeypatch):
+def test_start_up_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    checkpoint = next((run_folder / "lightning_logs").rglob("last.ckpt"))
     for args, words in (
         ([], "no trained run found"),
         (["--ckpt_path=missing.ckpt"], "checkpoint missing.ckpt does not exist"),
-        ([f"--ckpt_path={checkpoint}", "--port=80"], "--port 80 is not between 1024 and 65535"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             cli("serve", *args)
         message = str(exit_info.value.code)
         assert message.startswith("mnist_lit: error: ") and words in message and "\n" not in message
+
+
+def test_a_port_litserve_does_not_serve_on_is_a_flag_error(workdir, capsys):
+    # LitServe refuses ports below 1024 even to root: exit status 2 as for any bad flag, before looking
+    # for a run (there is none here), not a start-up error.
+    for port in ("80", "0", "65536"):
+        line = parse_error_of(capsys, "serve", f"--port={port}")
+        assert line.startswith(
+            f"mnist_lit: error: --port {port} is not between 1024 and 65535, the ports "
+        ), line
+        assert "to be reached on port 80, forward port 80 to it" in line
+
+
+def test_litserve_still_refuses_ports_below_1024():
+    # Why serve refuses them: when LitServe serves on port 80, serve should accept it.
+    import litserve as ls
+
+    server = ls.LitServer(ls.test_examples.SimpleLitAPI())
+    with pytest.raises(ValueError, match="port must be a value from 1024 to 65535"):
+        server.run(port=80, generate_client_file=False)
 
 
 def test_an_ipv6_address_is_written_in_brackets(run_folder):

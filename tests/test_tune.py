@@ -5,6 +5,7 @@ import contextlib
 import glob
 import io
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -166,6 +167,30 @@ def test_best_yaml_reproduces_the_best_trial_with_fit(study, tmp_path, monkeypat
         EventAccumulator(str(run)).Reload().Tags()["scalars"] for run in (folder / "trials/trial_000", refit)
     ]
     assert set(tags[0]) == set(tags[1]) and "val/acc" in tags[0]
+
+
+def test_the_printed_command_trains_the_best_recipe_on_the_studys_data_as_is(study, mnist_dir, tmp_path):
+    # Copied from the last lines as it is: with the study's data folder, or fit would look for MNIST in
+    # ./data and, offline, fail.
+    root, output = study
+    hint = next(line for line in output.splitlines() if line.startswith("Best recipe: "))
+    command = shlex.split(hint.split("): ", 1)[1])
+    best_yaml = str(Path("tune/search/best.yaml"))
+    assert command == [
+        "python",
+        "-m",
+        "mnist_lit",
+        "fit",
+        "--config",
+        best_yaml,
+        f"--data.data_dir={mnist_dir}",
+    ]
+    assert f"# {shlex.join(command)}" in (root / best_yaml).read_text().splitlines()
+    (tmp_path / "tune").symlink_to(root / "tune")  # the command's relative path, from a folder of its own
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        cli(*command[3:])
+    assert (tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
 
 
 def test_rerun_of_a_finished_study_runs_nothing_more(study):
