@@ -245,6 +245,8 @@ def run_recipe(
 ) -> dict:
     """``mnist_lit fit --config CONFIG`` then a bare ``test``, through the real CLI, in a scratch folder:
     as ``python -m mnist_lit`` runs it, or (``tuned_malloc=False``) the CLI alone, on glibc's defaults."""
+    from mnist_lit.evaluate import main as evaluate
+
     if tuned_malloc:
         from mnist_lit.__main__ import main  # which makes allocator.py's settings for fit
     else:
@@ -267,7 +269,7 @@ def run_recipe(
         main(["fit", f"--config={CONFIGS / config}", *flags, f"--seed_everything={seed}", *quiet, clock])
         fit_s = time.perf_counter() - start
         fit_end = time.time()  # wall clock: the parent subtracts the moment it started this process
-        main(["test", *quiet])
+        evaluate(["test", *quiet])
         test_acc = _last_test_acc(Path(scratch) / "lightning_logs")
     # The CLI built the clock from the importable module, which under `python -m` is not `__main__`.
     from benchmarks.bench import EpochClock as ImportedClock

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from mnist_lit.data import MNIST_MEAN, MNIST_STD
-from mnist_lit.errors import UserError, flag_error
+from mnist_lit.errors import UserError
+from mnist_lit.messages import flag_error
 from mnist_lit.model import ConvNet, MNISTClassifier
 from mnist_lit.runs import check_checkpoint_fits, check_writable, load_checkpoint, newest_run
 

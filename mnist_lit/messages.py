@@ -8,8 +8,10 @@ disk-full fit says, and where it leaves the run.
 
 import pickle
 import re
+import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from mnist_lit.errors import first_line
 
@@ -279,3 +281,13 @@ def disk_full(path: Path, checkpoint: dict) -> str:
         return f"{needed}: free some space there and run again; no checkpoint was written"
     newest = max(kept, key=lambda file: file.stat().st_mtime_ns)
     return f"{needed}: free some space there, then resume with the same command plus --ckpt_path={newest}"
+
+
+def flag_error(message: str) -> NoReturn:
+    """End the command as a bad flag does: ``mnist_lit: error: MESSAGE`` on stderr and exit status 2.
+
+    For flag values that parse but cannot be used (two flags that contradict each other, a number out of
+    its range), which a tool's function finds after jsonargparse has parsed them.
+    """
+    sys.stderr.write(f"mnist_lit: error: {message}\n")
+    raise SystemExit(2)

@@ -17,9 +17,10 @@ from typing import Literal
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
-from mnist_lit.errors import UserError, flag_error
+from mnist_lit.errors import UserError
 from mnist_lit.export import from_checkpoint
 from mnist_lit.images import MAX_PIXELS
+from mnist_lit.messages import flag_error
 from mnist_lit.runs import newest_run
 
 
