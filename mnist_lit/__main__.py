@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     end_with_launcher()
     try:
         run(argv)
-    except KeyboardInterrupt:  # Ctrl-C outside training (importing, loading data, parsing): faults.py for it
+    except KeyboardInterrupt:  # Ctrl-C while importing, parsing or loading data; in training: faults.py
         sys.exit("mnist_lit: error: interrupted")
 
 

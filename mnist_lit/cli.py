@@ -1,9 +1,10 @@
-"""``python -m mnist_lit fit|validate|test|predict``: LightningCLI over the model and the data module.
+"""``python -m mnist_lit fit``: LightningCLI over the model and the data module (and, through evaluate.py,
+``validate``, ``test`` and ``predict``).
 
 Settings live in YAML: the recipes in ``configs/``, and what every run of a command carries (its logger
 and callbacks) in ``mnist_lit/defaults/<command>.yaml``. This file adds only what LightningCLI cannot
-know: which run a checkpoint belongs to (a bare ``test`` means the newest run's best checkpoint, and a
-run's checkpoint brings that run's data settings), safe checkpoint loading, and one-line errors.
+know: which run a checkpoint belongs to (a resumed fit goes on in it; ``--ckpt_path last`` is the newest
+run's last.ckpt), safe checkpoint loading, and one-line errors, for a signal too.
 """
 
 import inspect

@@ -288,12 +288,12 @@ def check_resumable(checkpoint: dict, path: Path, max_epochs: int | None) -> Non
     done, planned = epochs_completed(checkpoint), one_cycle_epochs(checkpoint, path)
     new_fit = "start a new fit with the --trainer.max_epochs you want"
     if max_epochs is not None and max_epochs >= 0 and done >= max_epochs:
-        further = (
-            f"its one-cycle learning rate ended with them: to train longer, {new_fit}"
-            if planned is not None and done >= planned
-            else f"to train further, pass --trainer.max_epochs {done + 5} (or any number above the epochs "
-            "done)"
-        )
+        if planned is not None and done >= planned:
+            further = f"its one-cycle learning rate ended with them: to train longer, {new_fit}"
+        elif planned is not None:  # its schedule has epochs left: up to the planned ones
+            further = f"to train on to the end of its one-cycle schedule, pass --trainer.max_epochs {planned}"
+        else:
+            further = f"to train further, pass --trainer.max_epochs {done + 5} (or any number above {done})"
         raise UserError(
             f"{path} has already trained {done} epoch(s), and --trainer.max_epochs is {max_epochs}: there is "
             f"nothing left to train; {further}"

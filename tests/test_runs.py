@@ -158,6 +158,10 @@ def test_a_one_cycle_run_stopped_in_its_first_epoch_knows_its_plan_from_its_conf
     cli(*fit_args(mnist_dir, "--model.lr_schedule=onecycle", "--trainer.max_epochs=3"))
     last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
     state = load_checkpoint(last)
+    # As if it had been planned over 9 epochs: the hint for going on is the schedule's end.
+    planned_longer = {**state, "lr_schedulers": [{**state["lr_schedulers"][0], "total_steps": 9 * 5}]}
+    with pytest.raises(UserError, match=r"end of its one-cycle schedule, pass --trainer\.max_epochs 9"):
+        check_resumable(planned_longer, last, 3)
     # As if saved by Ctrl-C 2 batches into epoch 0: no whole epoch to measure the schedule by.
     loops, counts = state["loops"]["fit_loop"], ("ready", "started", "processed", "completed")
     loops["epoch_progress"] = {"total": dict.fromkeys(counts, 0), "current": dict.fromkeys(counts, 0)}
