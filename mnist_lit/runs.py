@@ -240,14 +240,13 @@ def log_into_run(logger_settings, checkpoint: Path, command: str) -> str | None:
     if run is None:
         return None
     if command == "fit":
-        for folder in (run.log_dir, Path(checkpoint).parent):  # where its curves and checkpoints go on
-            try:  # else TensorBoard's writer thread fails later, in a traceback of its own
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as err:
+        # Where its curves and checkpoints go on: else TensorBoard's writer thread fails later, in a
+        # traceback of its own.
+        for folder in (run.log_dir, Path(checkpoint).parent):
+            if why := unwritable(folder):
                 raise UserError(
-                    f"--ckpt_path {checkpoint}: cannot resume its run: cannot write in {folder}: "
-                    f"{err.strerror or err}"
-                ) from None
+                    f"--ckpt_path {checkpoint}: cannot resume its run: cannot write in {folder}: {why}"
+                )
         logger_settings.save_dir, logger_settings.name = str(run.log_dir.parent), ""
         # version_N as the number N, which TensorBoardLogger files as version_N (and shows as v_num).
         number = run.log_dir.name.removeprefix("version_")
@@ -310,8 +309,15 @@ def check_writable(target: Path, flag: str) -> None:
     """Raise UserError, naming ``flag``, unless a new file can be written in ``target``'s folder (made if
     missing): checked before the work whose result it is to hold. An existing ``target`` (a folder
     included) is the caller's to refuse first."""
+    if why := unwritable(target.parent):
+        raise UserError(f"{flag} {target}: cannot write in {target.parent}: {why}")
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no new file can be written in ``folder`` (made if missing), or None when one can."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=target.parent).close()
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
-        raise UserError(f"{flag} {target}: cannot write in {target.parent}: {err.strerror or err}") from None
+        return err.strerror or str(err)
+    return None

@@ -100,11 +100,14 @@ def ctrl_c(args: list[str], cwd: Path, marker: Path | None = None, delay: float 
         [sys.executable, "-m", "mnist_lit", *args],
         cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    if marker is not None:
-        wait_for(marker, proc)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        if marker is not None:
+            wait_for(marker, proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)  # a command that ignored Ctrl-C fails the test here
+    finally:
+        proc.kill()
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
     return stderr.strip()
 

@@ -38,6 +38,10 @@ def test_fit_test_predict_with_default_flags_print_only_what_was_asked(tmp_path,
     assert "test: using lightning_logs/version_0/checkpoints/" in test.stdout
     assert "test/acc " in test.stdout.splitlines()[-1]
 
+    last = run(tmp_path, "test", "--ckpt_path=last")  # the newest run's last.ckpt, not its best
+    assert "test: using lightning_logs/version_0/checkpoints/last.ckpt" in last.stdout
+    assert "test/acc " in last.stdout.splitlines()[-1]
+
     validate = run(tmp_path, "validate")
     assert validate.stdout.splitlines()[-1].startswith("val/acc ")
 
@@ -49,4 +53,4 @@ def test_fit_test_predict_with_default_flags_print_only_what_was_asked(tmp_path,
     # Each evaluation is filed under the run it evaluated; the training runs stay the only version_N.
     logs = tmp_path / "lightning_logs"
     assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
-    assert {p.name for p in (logs / "version_0").iterdir()} >= {"test_0", "validate_0", "predict_0"}
+    assert {p.name for p in (logs / "version_0").iterdir()} >= {"test_0", "test_1", "validate_0", "predict_0"}
