@@ -223,9 +223,10 @@ def build_cli(
     return cli
 
 
-def main(argv: list[str]) -> None:
-    """``python -m mnist_lit fit ARGS`` (routed here by __main__.py)."""
-    build_cli(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself
+def main(argv: list[str], cli_class: type = MNISTCLI) -> None:
+    """``python -m mnist_lit fit ARGS`` (routed here by __main__.py; evaluate.py's with its CLI class)."""
+    # None: LightningCLI reads sys.argv itself
+    build_cli(None if argv == sys.argv[1:] else argv, cli_class=cli_class)
 
 
 def run_function(function, argv: list[str], prefix: str | None = None) -> None:

@@ -4,13 +4,13 @@ A bare evaluation means the newest run's best checkpoint, a run's checkpoint bri
 run was trained with (runs.py), and a validation or test ends with its accuracy and loss in one line.
 """
 
-import sys
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from mnist_lit.cli import MNISTCLI, CommandParser, build_cli
+from mnist_lit import cli
+from mnist_lit.cli import MNISTCLI, CommandParser
 
 
 class EvaluationCLI(MNISTCLI):
@@ -58,6 +58,4 @@ class EvaluationCLI(MNISTCLI):
 
 def main(argv: list[str]) -> None:
     """``python -m mnist_lit validate|test|predict ARGS`` (routed here by __main__.py)."""
-    build_cli(
-        None if argv == sys.argv[1:] else argv, cli_class=EvaluationCLI
-    )  # None: LightningCLI reads sys.argv
+    cli.main(argv, cli_class=EvaluationCLI)
