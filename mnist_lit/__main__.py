@@ -85,15 +85,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str]) -> None:
     """Runs ``argv``'s command, its errors as one line."""
-    if argv[0] in ("fit", "tune"):
-        from mnist_lit.allocator import keep_freed_memory
+    # A Ctrl-C that lands inside an import can leave a library half-imported, which then fails in a
+    # traceback of its own (numpy's lazy attributes recurse without end): it waits for the imports.
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        if argv[0] in ("fit", "tune"):
+            from mnist_lit.allocator import keep_freed_memory
 
-        keep_freed_memory()  # before training allocates anything: faster CPU steps (allocator.py)
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+            keep_freed_memory()  # before training allocates anything: faster CPU steps (allocator.py)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from mnist_lit.errors import UserError
+        from mnist_lit.errors import UserError
 
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
     quiet()  # after the import: importing Lightning sets its loggers' levels
     try:
         module.main(argv)
