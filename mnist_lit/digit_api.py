@@ -167,11 +167,11 @@ def refusal(status: int, detail: str) -> JSONResponse:
 class Body:
     """Reads each request's body before the app sees it: refused with 413 when larger than ``max_bytes``
     (by its Content-Length before reading any of it, or as soon as what arrived passes the limit), with
-    408 when it has not all arrived ``timeout`` seconds after the headers did. A ``/predict`` body not sent
-    as application/json is refused with 415; else it is decoded in a worker thread (at most ``threads`` at
-    once, which also bounds their memory) and the outcome handed to DigitRequest's validation through
-    ``decoded``. FastAPI parses more types as JSON (``application/*+json``); refusing them here keeps
-    every image decoded here, off the event loop and within ``--max_pixels``."""
+    408 when it has not all arrived ``timeout`` seconds after the headers did. A POST ``/predict`` body
+    not sent as application/json is refused with 415; else it is decoded in a worker thread (at most
+    ``threads`` at once, which also bounds their memory) and the outcome handed to DigitRequest's
+    validation through ``decoded``. FastAPI parses more types as JSON (``application/*+json``); refusing
+    them here keeps every image decoded here, off the event loop and within ``--max_pixels``."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, max_pixels: int) -> None:
         self.app = app
@@ -216,7 +216,9 @@ class Body:
         if disconnected:
             return  # the client went away: nobody to answer
         body = b"".join(chunks)
-        if scope["path"] == "/predict" and body:  # an empty one: FastAPI's 400 says "empty"
+        # Another method's body is the app's to refuse (405), whatever it holds; an empty one: FastAPI's
+        # 400 says "empty".
+        if scope["path"] == "/predict" and scope["method"] == "POST" and body:
             content_type = (first_header(scope, b"content-type") or b"").decode("latin-1")
             if media_type(content_type) != "application/json":
                 sent_as = content_type or "no content type"

@@ -212,6 +212,19 @@ def test_bad_input_gets_a_4xx_sentence_and_the_next_request_is_served(server, ex
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_predict_answers_another_method_with_405_with_or_without_a_body(server, method):
+    good = json.dumps({"image": encoded(pictures()["a.png"])}).encode()
+    as_json, as_text = {"Content-Type": "application/json"}, {"Content-Type": "text/plain"}
+    # A body not sent as JSON once made it 415, as if the method were right.
+    for body, headers in ((None, {}), (good, as_json), (good, as_text), (good, {})):
+        response = requests.request(method, f"{server.url}/predict", data=body, headers=headers, timeout=30)
+        assert response.status_code == 405, response.text
+        assert "POST" in response.headers["allow"]
+    assert post(server, {"image": encoded(pictures()["a.png"])}).status_code == 200
+
+
+@pytest.mark.slow
 def test_200_concurrent_requests_are_all_answered_and_batched(server, expected):
     names = list(pictures())
     bodies = {name: {"image": encoded(pictures()[name], "JPEG" if "jp" in name else "PNG")} for name in names}
