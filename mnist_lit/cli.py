@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mnist_lit.data import MNISTDataModule
@@ -149,7 +149,12 @@ class MNISTCLI(LightningCLI):
             from mnist_lit.tracking import ProgressBar as WithoutVersion
 
             kwargs["callbacks"] = [*callbacks, WithoutVersion(refresh_rate=10)]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, ImportError) as err:  # Lightning checking the flags
+            from mnist_lit.messages import trainer_refused
+
+            raise UserError(trainer_refused(err)) from None
 
     def _check_checkpoint(self) -> None:
         if self.checkpoint is not None:
@@ -161,6 +166,11 @@ class MNISTCLI(LightningCLI):
         max_epochs = self.trainer.max_epochs
         if max_epochs == 0:
             raise UserError("--trainer.max_epochs 0 trains nothing: give 1 or more (the seed recipe's is 10)")
+        if self.trainer.limit_train_batches == 0:
+            raise UserError(
+                "--trainer.limit_train_batches 0 trains nothing: give a number of batches, or a fraction "
+                "of them (1.0, the default, is every batch)"
+            )
         if self.trainer.logger is None:  # else config.yaml lands in the working folder and fails the next fit
             raise UserError(
                 "--trainer.logger false: a run lives in the folder its logger makes, "

@@ -11,6 +11,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from mnist_lit import cli
 from mnist_lit.cli import MNISTCLI, CommandParser
+from mnist_lit.errors import UserError
+
+STAGES = {"validate": "val", "test": "test", "predict": "predict"}  # as Lightning names their limits
 
 
 class EvaluationCLI(MNISTCLI):
@@ -33,6 +36,12 @@ class EvaluationCLI(MNISTCLI):
     def _before_evaluation(self) -> None:
         # An evaluation needs none of the callbacks that wrote the checkpoint, which Lightning warns about.
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used")
+        limit = f"limit_{STAGES[self.command]}_batches"
+        if getattr(self.trainer, limit) == 0:  # Lightning would run nothing, say nothing and exit 0
+            raise UserError(
+                f"--trainer.{limit} 0: {self.command} would see no batch: give a number of batches, or a "
+                "fraction of them (1.0, the default, is every batch)"
+            )
         self._check_checkpoint()
 
     before_validate = before_test = before_predict = _before_evaluation

@@ -216,8 +216,10 @@ def load_digits(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor,
             reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
             skip(file, reason)
     if not images:
+        # A folder's other entries were named as skipped already; its count is of its image files.
+        counted = "image file(s) in" if path.is_dir() else "file(s) at"
         raise UserError(
-            f"none of the {len(files)} file(s) at --data.predict_path {shown(path)} could be read as a "
+            f"none of the {len(files)} {counted} --data.predict_path {shown(path)} could be read as a "
             "digit image"
         )
     return torch.stack(images), readable

@@ -1,8 +1,8 @@
 """What a user reads when something goes wrong: one line to act on, made only once it has gone wrong.
 
-The libraries' own errors rewritten (jsonargparse's parse errors, torch's unpickler refusing a
-checkpoint, c10d giving up on a rank): each reads their wording, so each has a test
-(tests/test_messages.py) that fails when that wording changes. Then ours: what a stopped, diverged or
+The libraries' own errors rewritten (jsonargparse's parse errors, the Trainer refusing its settings,
+torch's unpickler refusing a checkpoint, c10d giving up on a rank): each reads their wording, so each has
+a test (tests/test_messages.py) that fails when that wording changes. Then ours: what a stopped, diverged or
 disk-full fit says, and where it leaves the run.
 """
 
@@ -17,13 +17,29 @@ from mnist_lit.errors import first_line
 
 # ---------------------------------------------------------------------------------------- jsonargparse
 
-# jsonargparse's words for a value of the wrong type, e.g. "Subtypes: [<class 'int'>, <class 'NoneType'>]".
-TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+# jsonargparse's words for a value of the wrong type, e.g. "Subtypes: [<class 'int'>, <class 'NoneType'>]",
+# and for one outside a restricted type's range, e.g. "Not of type PositiveInt: 0 does not conform ...".
+TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "PositiveInt": "an integer above 0",
+    "NonNegativeInt": "an integer of 0 or more",
+    "PositiveFloat": "a number above 0",
+    "NonNegativeFloat": "a number of 0 or more",
+    "ClosedUnitInterval": "a number from 0 to 1",
+}
 UNION_ERROR = re.compile(
-    r"Does not validate against any of the Union subtypes.*Subtypes: \[(?P<types>[^]]*)\]"
+    r"Does not validate against any of the Union subtypes.*?Subtypes: \[(?P<types>.*?)\] Errors:"
     r".*Given value: (?P<value>.*)$"
 )
 LITERAL_ERROR = re.compile(r"Expected a typing\.Literal\[(?P<choices>[^]]*)\]\.? Got value: (?P<value>.*)$")
+TYPE_ERROR = re.compile(r"Expected a <class '(?:[\w.]+\.)?(?P<type>\w+)'>\.? Got value: (?P<value>.*)$")
+RESTRICTED_ERROR = re.compile(
+    r"Not of type (?P<type>\w+): (?:(?P<value>\S+) does not conform to restriction .*"
+    r"|(?:invalid literal for int\(\) with base 10|could not convert string to float): '(?P<text>.*)')$"
+)
 UNKNOWN_KEY = re.compile(r"unrecognized arguments: (?P<flag>--[\w.]+)", re.IGNORECASE)
 
 
@@ -48,11 +64,23 @@ def readable(message: str, known_flags: list[str] = ()) -> str:
     if union:
         names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", union["types"])
         words = [TYPE_WORDS.get(name, name) for name in names if name != "NoneType"]
+        choices = [
+            c.strip() for group in re.findall(r"Literal\[([^]]*)\]", union["types"]) for c in group.split(",")
+        ]
+        if choices:  # e.g. --trainer.precision: Literal[64, 32, 16] | Literal['16-true', ...] | None
+            words.append("one of " + ", ".join(dict.fromkeys(c.strip("'") for c in choices)))
         expected = " or ".join(words) + (" (or null)" if "NoneType" in names else "")
         text = text[: union.start()] + f"expected {expected}, got {union['value'].strip()!r}"
     if choice := LITERAL_ERROR.search(text):  # e.g. --format tflite
         got = choice["value"].strip()
         text = text[: choice.start()] + f"expected one of {choice['choices']}, got {got!r}"
+    if wrong := TYPE_ERROR.search(text):  # e.g. --port abc
+        got = wrong["value"].strip()
+        text = text[: wrong.start()] + f"expected {TYPE_WORDS.get(wrong['type'], wrong['type'])}, got {got!r}"
+    if restricted := RESTRICTED_ERROR.search(text):  # e.g. --data.val_size 0, --model.lr x
+        got = restricted["value"] or repr(restricted["text"])
+        expected = TYPE_WORDS.get(restricted["type"], restricted["type"])
+        text = text[: restricted.start()] + f"expected {expected}, got {got}"
     unknown = UNKNOWN_KEY.search(text)
     if unknown and known_flags:
         import difflib
@@ -91,6 +119,12 @@ def config_at_fault(message: str, known_flags: list[str]) -> str | None:
                 at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
                 return f"--config {file}: not valid YAML{at}: {getattr(err, 'problem', None) or err}"
             continue
+        if "Unexpected config" in message and not isinstance(recipe, dict):  # empty, or a bare value
+            holds = "is empty" if recipe is None else f"holds {recipe!r:.60}, not settings"
+            return (
+                f"--config {file}: {holds}: a recipe is a YAML mapping of settings, such as "
+                "`trainer: {max_epochs: 5}` (configs/ has some)"
+            )
         if unknown and isinstance(recipe, dict):
             keys = [key for key in flattened(recipe) if key == unknown[1]]
             if keys:
@@ -108,6 +142,33 @@ def flattened(mapping: dict, prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             keys.extend(flattened(value, f"{prefix}{key}."))
     return keys
+
+
+# -------------------------------------------------------------------------------- Lightning's Trainer
+
+UNAVAILABLE = re.compile(r"`(?P<name>\w+)Accelerator` can not run on your system.*?(?P<available>\[[^]]*\])")
+TRAINER_FLAGS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
+def trainer_refused(err: BaseException) -> str:
+    """One line for the Trainer refusing its settings (an accelerator the machine lacks, a device count it
+    cannot use, a strategy's package not installed), naming the --trainer flag where Lightning's words
+    show which."""
+    text = " ".join(str(err).split()) or err.__class__.__name__
+    if "No supported gpu backend found" in text:
+        return (
+            "--trainer.accelerator gpu: torch finds no GPU on this machine: use --trainer.accelerator cpu, "
+            "or auto for whatever the machine has"
+        )
+    if unavailable := UNAVAILABLE.search(text):
+        return (
+            f"--trainer.accelerator {unavailable['name'].lower()}: not available on this machine, which has "
+            f"{unavailable['available']}; or use --trainer.accelerator auto"
+        )
+    if isinstance(err, ImportError):
+        return f"the --trainer settings need a package that is not installed: {text}"
+    found = [(m.start(), flag) for flag in TRAINER_FLAGS if (m := re.search(rf"\b{flag}\b", text))]
+    return f"--trainer.{min(found)[1]}: {text}" if found else f"the --trainer settings: {text}"
 
 
 # ------------------------------------------------------------------------------------ torch.load

@@ -42,6 +42,7 @@ from sqlalchemy.engine import make_url
 from mnist_lit.cli import build_cli
 from mnist_lit.errors import UserError, first_line
 from mnist_lit.faults import TrainingDiverged
+from mnist_lit.messages import flags_of
 
 METRIC = "val/acc"  # reported after every epoch (pruning); a trial's value is its best, val/acc_best
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -656,7 +657,12 @@ def main(argv: list[str]) -> None:
 
 def tune(argv: list[str]) -> None:
     """``python -m mnist_lit tune ARGS``, without the command's name."""
-    options, fit_args = tune_parser().parse_known_args(argv)
+    parser = tune_parser()
+    options, fit_args = parser.parse_known_args(argv)
+    own = [flag for flag in flags_of(parser) if flag.startswith("--")]
+    for arg in fit_args:  # fit's parser would say "unrecognized" of a mistyped --n_trials, without a guess
+        if arg.startswith("--") and (close := difflib.get_close_matches(arg.split("=")[0], own, 1, 0.8)):
+            parser.exit(2, f"mnist_lit: error: unrecognized arguments: {arg}: did you mean {close[0]}?\n")
     verbosity = optuna.logging.get_verbosity()
     # Optuna's own log lines are replaced by ours: one per trial, and a failed trial's traceback (a Ctrl-C
     # is one to Optuna) becomes our one-line error.

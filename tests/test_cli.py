@@ -239,7 +239,19 @@ def test_a_commands_help_says_what_it_does_in_whole_sentences(capsys):
 def test_a_run_that_trains_nothing_is_refused_and_leaves_nothing(workdir, mnist_dir):
     message = error_of(*fit_args(mnist_dir, "--trainer.max_epochs=0"))
     assert "--trainer.max_epochs 0 trains nothing" in message
+    for none in ("0", "0.0"):  # Lightning would train no batch, save no checkpoint and exit 0
+        message = error_of(*fit_args(mnist_dir, f"--trainer.limit_train_batches={none}"))
+        assert "--trainer.limit_train_batches 0 trains nothing: give a number of batches" in message
     assert not (workdir / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("command, stage", [("validate", "val"), ("test", "test"), ("predict", "predict")])
+def test_an_evaluation_of_no_batch_is_refused_and_leaves_no_folder(trained_copy, command, stage):
+    run = trained_copy / "lightning_logs/version_0"
+    before = sorted(run.iterdir())
+    message = error_of(command, f"--trainer.limit_{stage}_batches=0", *QUICK[1:])
+    assert message.startswith(f"mnist_lit: error: --trainer.limit_{stage}_batches 0: {command} would see no")
+    assert sorted(run.iterdir()) == before  # no {command}_N folder
 
 
 def test_a_fit_without_logger_is_refused_before_it_writes_anything(workdir, mnist_dir):

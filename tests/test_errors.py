@@ -91,13 +91,15 @@ def test_val_size_as_large_as_the_training_set(workdir, mnist_dir):
 @pytest.mark.parametrize(
     ("flag", "expected"),
     [
-        ("--data.batch_size=-5", "--data.batch_size: Not of type PositiveInt: -5"),
-        ("--data.batch_size=ten", "--data.batch_size: Not of type PositiveInt"),
-        ("--data.val_size=0", "--data.val_size: Not of type PositiveInt: 0"),
-        ("--data.num_workers=-1", "--data.num_workers: Not of type NonNegativeInt"),
-        ("--model.lr=0", "--model.lr: Not of type PositiveFloat: 0"),
-        ("--model.lr=-0.1", "--model.lr: Not of type PositiveFloat"),
-        ("--model.label_smoothing=1.5", "--model.label_smoothing: Not of type ClosedUnitInterval"),
+        ("--data.batch_size=-5", "--data.batch_size: expected an integer above 0, got -5 (see --help)"),
+        ("--data.batch_size=ten", "--data.batch_size: expected an integer above 0, got 'ten' (see"),
+        ("--data.val_size=0", "--data.val_size: expected an integer above 0, got 0 (see --help)"),
+        ("--data.num_workers=-1", "--data.num_workers: expected an integer of 0 or more, got -1"),
+        ("--model.lr=0", "--model.lr: expected a number above 0, got 0 (see --help)"),
+        ("--model.lr=x", "--model.lr: expected a number above 0, got 'x' (see --help)"),
+        ("--model.label_smoothing=1.5", "--model.label_smoothing: expected a number from 0 to 1, got 1.5"),
+        ("--data.max_rotation=-1", "--data.max_rotation: expected a number of 0 or more, got -1"),
+        ("--trainer.precision=17", "--trainer.precision: expected one of 64, 32, 16, transformer-engine,"),
         ("--data.batchsize=3", "unrecognized arguments: --data.batchsize=3"),
         # No abbreviations, and the closest flag named.
         ("--trainer.max_epoch=3", "--trainer.max_epoch=3: did you mean --trainer.max_epochs?"),
@@ -110,12 +112,45 @@ def test_bad_flag_is_one_line(workdir, mnist_dir, capsys, flag, expected):
     assert not (workdir / "lightning_logs").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--trainer.devices=0"], "--trainer.devices: `Trainer(devices='0')` value is not a valid input"),
+        (["--trainer.strategy=ddp", "--trainer.num_nodes=0"], "--trainer.num_nodes: `num_nodes` must be"),
+        (["--trainer.strategy=nonsense"], "--trainer.strategy: You selected an invalid strategy name"),
+    ],
+)
+def test_settings_the_trainer_refuses_are_one_line_naming_the_flag(workdir, mnist_dir, flags, expected):
+    assert expected in error_of(*fit_args(mnist_dir, *flags))
+    assert not (workdir / "lightning_logs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_says_so_and_what_to_use(workdir, mnist_dir):
+    assert error_of(*fit_args(mnist_dir, "--trainer.accelerator=gpu")) == (
+        "mnist_lit: error: --trainer.accelerator gpu: torch finds no GPU on this machine: use "
+        "--trainer.accelerator cpu, or auto for whatever the machine has"
+    )
+    message = error_of(*fit_args(mnist_dir, "--trainer.accelerator=cuda"))
+    assert message.startswith("mnist_lit: error: --trainer.accelerator cuda: not available on this machine")
+
+
 def test_unknown_command_lists_every_command(capsys):
     message = parse_error_of(capsys, "fitt")
     assert (
         "unknown command 'fitt': did you mean 'fit'? choose from fit, validate, test, predict, export"
         in message
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "holds"), [("", "is empty"), ("hello\n", "holds 'hello'"), ("- 1\n", "holds [1]")]
+)
+def test_a_config_file_without_settings_is_named(workdir, mnist_dir, capsys, text, holds):
+    (workdir / "recipe.txt").write_text(text)
+    message = parse_error_of(capsys, *fit_args(mnist_dir, "--config=recipe.txt"))
+    assert message.startswith(f"mnist_lit: error: --config recipe.txt: {holds}"), message
+    assert "a recipe is a YAML mapping of settings" in message
 
 
 def test_unknown_key_in_a_config_file_is_one_line_naming_the_file(workdir, mnist_dir, capsys):
@@ -152,8 +187,7 @@ def test_parse_error_from_the_shell_is_one_line_without_traceback(tmp_path, mnis
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "mnist_lit: error: --model.lr: Not of type PositiveFloat: -1 does not conform to restriction v>0 "
-        "(see --help)"
+        "mnist_lit: error: --model.lr: expected a number above 0, got -1 (see --help)"
     ]
 
 

@@ -123,6 +123,13 @@ def test_own_images_are_predicted_and_a_corrupt_one_is_skipped(workdir, shapes_d
         cli("predict", "--data.predict_path=digits/broken.png", *QUICK[1:])
     assert str(exit_info.value.code).startswith("mnist_lit: error: none of the 1 file(s)")
     assert "digits/broken.png" in str(exit_info.value.code)
+    (workdir / "unreadable").mkdir()  # a folder: its image files are counted, its other entries skipped
+    (workdir / "unreadable/notes.txt").write_text("not a picture")
+    (workdir / "unreadable/empty.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        cli("predict", "--data.predict_path=unreadable", *QUICK[1:])
+    message = "mnist_lit: error: none of the 1 image file(s) in --data.predict_path unreadable could be read"
+    assert str(exit_info.value.code).startswith(message), exit_info.value.code
     # The predict run that worked is filed under the run it used; the failed one left no folder.
     assert sorted(p.name for p in (workdir / "lightning_logs/version_0").glob("predict_*")) == ["predict_0"]
 

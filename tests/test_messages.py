@@ -22,6 +22,8 @@ def jsonargparse_error(*args: str) -> str:
     parser.add_argument("--epochs", type=int | None)
     parser.add_argument("--lr", type=PositiveFloat)
     parser.add_argument("--format", type=Literal["onnx", "torchscript"])
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--precision", type=Literal[16, 32] | Literal["bf16-mixed", "32-true"] | None)
     with pytest.raises(Exception) as error:  # jsonargparse's ArgumentError
         parser.parse_args(list(args))
     return str(error.value)
@@ -37,6 +39,52 @@ def test_a_value_outside_the_choices_lists_them():
     text = jsonargparse_error("--format=tflite")
     assert messages.LITERAL_ERROR.search(" ".join(text.split())), text
     assert messages.readable(text).startswith("--format: expected one of 'onnx', 'torchscript', got 'tflite'")
+
+
+def test_a_value_of_the_wrong_type_or_out_of_range_is_said_in_words():
+    text = jsonargparse_error("--port=abc")
+    assert messages.TYPE_ERROR.search(" ".join(text.split())), text
+    assert messages.readable(text).startswith("--port: expected an integer, got 'abc'")
+    for value, got in (("0", "0"), ("-1", "-1"), ("x", "'x'")):
+        text = jsonargparse_error(f"--lr={value}")
+        assert messages.RESTRICTED_ERROR.search(" ".join(text.split())), text
+        assert messages.readable(text).startswith(f"--lr: expected a number above 0, got {got}"), text
+
+
+def test_a_union_of_choices_lists_them_once():
+    text = jsonargparse_error("--precision=17")
+    assert messages.UNION_ERROR.search(" ".join(text.split())), text
+    said = "--precision: expected one of 16, 32, bf16-mixed, 32-true (or null), got '17'"
+    assert messages.readable(text).startswith(said), messages.readable(text)
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"devices": 0}, "--trainer.devices: `Trainer(devices=0)` value is not a valid input"),
+        ({"strategy": "ddp", "num_nodes": 0}, "--trainer.num_nodes: `num_nodes` must be a positive integer"),
+        ({"strategy": "nonsense"}, "--trainer.strategy: You selected an invalid strategy name"),
+        ({"accelerator": "tpu"}, "the --trainer settings need a package that is not installed: "),
+    ],
+)
+def test_the_trainer_refusing_its_settings_names_the_flag(settings, said):
+    from lightning.pytorch import Trainer
+
+    with pytest.raises(Exception) as error:
+        Trainer(**settings, logger=False)
+    assert messages.trainer_refused(error.value).startswith(said), messages.trainer_refused(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_the_trainer_asked_for_a_missing_gpu_says_what_to_use():
+    from lightning.pytorch import Trainer
+
+    for accelerator in ("gpu", "cuda"):
+        with pytest.raises(Exception) as error:
+            Trainer(accelerator=accelerator, logger=False)
+        said = messages.trainer_refused(error.value)
+        assert said.startswith(f"--trainer.accelerator {accelerator}: "), said
+        assert "cpu" in said and "auto" in said
 
 
 def test_an_oserror_about_a_path_is_said_as_the_shell_says_it(tmp_path):

@@ -249,6 +249,8 @@ def test_bad_flags_search_file_and_storage_are_one_line(workdir, mnist_dir, caps
     # tune's own flags fail as fit's do: one line, exit status 2
     n_trials = parse_error_of(capsys, *tune_args(mnist_dir, "s.yaml", 0))
     assert "--n_trials: expected a positive integer, got '0'" in n_trials
+    mistyped = parse_error_of(capsys, *tune_args(mnist_dir, "s.yaml", 2), "--n_trial", "3")
+    assert mistyped == "mnist_lit: error: unrecognized arguments: --n_trial: did you mean --n_trials?"
     no_search = parse_error_of(capsys, "tune", f"--data.data_dir={mnist_dir}")
     assert "the following arguments are required: --search" in no_search
     (workdir / "broken.yaml").write_text("params: {model.lr: [0.1]\n")
