@@ -18,7 +18,13 @@ from mnist_lit.data import MNIST_MEAN, MNIST_STD
 from mnist_lit.errors import UserError
 from mnist_lit.messages import flag_error
 from mnist_lit.model import ConvNet, MNISTClassifier
-from mnist_lit.runs import check_checkpoint_fits, check_writable, load_checkpoint, newest_run
+from mnist_lit.runs import (
+    check_checkpoint_fits,
+    check_writable,
+    last_of_newest_run,
+    load_checkpoint,
+    newest_run,
+)
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}  # the default output's
 # The names each format's files go by: an --output with the other format's is refused.
@@ -94,6 +100,18 @@ def check_suffix(target: Path, format: str) -> None:
             )
 
 
+def checkpoint_to_use(ckpt_path: str | None, command: str) -> Path:
+    """``--ckpt_path`` as export and serve take it: a file; ``last``, the newest run's last.ckpt (as for
+    test); or, not given, the newest run's best checkpoint."""
+    if ckpt_path == "last":
+        return Path(last_of_newest_run(Path("lightning_logs"), command))
+    if ckpt_path is not None:
+        return Path(ckpt_path)
+    checkpoint, score = newest_run(Path("lightning_logs")).best_checkpoint()
+    print(f"{command}: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
+    return checkpoint
+
+
 def export(
     format: Literal["onnx", "torchscript"] = "onnx",
     output: str | None = None,
@@ -107,17 +125,14 @@ def export(
             deprecated by PyTorch in favour of ``torch.export``, kept for libtorch/mobile users).
         output: file to write; default ``model.onnx`` or ``model.pt`` in the current folder. A name that
             says the other format (``.onnx`` for torchscript; ``.pt``, ``.pth``, ``.ts`` for onnx) is refused.
-        ckpt_path: checkpoint to export; default the best checkpoint of the newest run in ./lightning_logs.
+        ckpt_path: checkpoint to export, or ``last`` (the newest run's last.ckpt); default the best
+            checkpoint of the newest run in ./lightning_logs.
         overwrite: replace ``output`` if it exists (otherwise an existing file is an error).
     """
     target = Path(output or f"model{SUFFIXES[format]}")
     check_suffix(target, format)
     # The checkpoint before the output: a missing or bad one is the error to fix first.
-    if ckpt_path is None:
-        checkpoint, score = newest_run(Path("lightning_logs")).best_checkpoint()
-        print(f"export: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
-    else:
-        checkpoint = Path(ckpt_path)
+    checkpoint = checkpoint_to_use(ckpt_path, "export")
     model = from_checkpoint(checkpoint)
     if target.is_dir():  # never replaced, --overwrite or not
         raise UserError(f"--output {target} is a folder: give the name of a file to write")

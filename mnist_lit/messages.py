@@ -41,6 +41,7 @@ RESTRICTED_ERROR = re.compile(
     r"|(?:invalid literal for int\(\) with base 10|could not convert string to float): '(?P<text>.*)')$"
 )
 UNKNOWN_KEY = re.compile(r"unrecognized arguments: (?P<flag>--[\w.]+)", re.IGNORECASE)
+SEARCH_KEYS = {"params", "sampler", "pruner", "enqueue"}  # a tune search file's (docs/tune.md)
 
 
 def flags_of(parser) -> list[str]:
@@ -106,7 +107,13 @@ def config_at_fault(message: str, known_flags: list[str]) -> str | None:
             files.append(arg.split("=", 1)[1])
         elif arg in ("--config", "-c") and i + 1 < len(argv):
             files.append(argv[i + 1])
-    unknown = re.search(r"does not accept (?:nested key|option) '([\w.]+)'", message)
+    # jsonargparse's words for an unknown key: "... does not accept option 'model.lrr'", or with
+    # --print_config "Group 'model' does not accept option 'lrr'" and "Option 'params.x' is not accepted".
+    said = re.search(
+        r"does not accept (?:nested key|option) '([\w.]+)'|Option '([\w.]+)' is not accepted", message
+    )
+    group = re.search(r"Group '([\w.]+)' does not accept", message)
+    unknown = said and (f"{group[1]}." if group else "") + (said[1] or said[2])
     for file in files:
         try:
             with open(file, encoding="utf-8") as f:
@@ -125,8 +132,13 @@ def config_at_fault(message: str, known_flags: list[str]) -> str | None:
                 f"--config {file}: {holds}: a recipe is a YAML mapping of settings, such as "
                 "`trainer: {max_epochs: 5}` (configs/ has some)"
             )
+        if unknown and isinstance(recipe, dict) and "params" in recipe and set(recipe) <= SEARCH_KEYS:
+            return (
+                f"--config {file} is a search space for tune, not a recipe: python -m mnist_lit tune "
+                f"--config configs/mnist.yaml --search {file}"
+            )
         if unknown and isinstance(recipe, dict):
-            keys = [key for key in flattened(recipe) if key == unknown[1]]
+            keys = [key for key in flattened(recipe) if key == unknown]
             if keys:
                 close = difflib.get_close_matches(f"--{keys[0]}", known_flags, n=1, cutoff=0.8)
                 hint = f": did you mean {close[0].removeprefix('--')}?" if close else " (see --help)"

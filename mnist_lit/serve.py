@@ -11,17 +11,15 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Literal
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from mnist_lit.errors import UserError
-from mnist_lit.export import from_checkpoint
+from mnist_lit.export import checkpoint_to_use, from_checkpoint
 from mnist_lit.images import MAX_PIXELS
 from mnist_lit.messages import flag_error
-from mnist_lit.runs import newest_run
 
 
 def port_in_use(host: str, port: int) -> UserError:
@@ -87,7 +85,8 @@ def serve(
     """Serve a trained model over HTTP: POST /predict, GET /health, and a page at / to draw digits on.
 
     Args:
-        ckpt_path: checkpoint to serve; default the best checkpoint of the newest run in ./lightning_logs.
+        ckpt_path: checkpoint to serve, or ``last`` (the newest run's last.ckpt); default the best
+            checkpoint of the newest run in ./lightning_logs.
         host: address to listen on: 127.0.0.1 or localhost (this machine only), or 0.0.0.0 / :: (every network
             interface: anyone who can reach this machine can use the server; see README).
         port: TCP port, 1024 to 65535 (LitServe serves on no other, root or not: forward port 80 to one of
@@ -112,11 +111,7 @@ def serve(
         raise UserError("serve needs LitServe: pip install 'mnist_lit[serve]'")
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise UserError("--accelerator cuda, but no CUDA GPU is available: use --accelerator cpu or auto")
-    if ckpt_path is None:
-        checkpoint, score = newest_run(Path("lightning_logs")).best_checkpoint()
-        print(f"serve: using {checkpoint}" + ("" if score is None else f" (val/acc {score:.4f})"))
-    else:
-        checkpoint = Path(ckpt_path)
+    checkpoint = checkpoint_to_use(ckpt_path, "serve")
     from_checkpoint(checkpoint)  # a bad file ends here in one line, not in a worker process's traceback
     if host == "localhost":  # the loopback by name, as in the page's URL: listen on its IPv4 address
         host = "127.0.0.1"

@@ -100,20 +100,20 @@ class EpochTimer(Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: time it from here.
-        self.start = time.perf_counter()
+        # None until an epoch starts: a run resumed mid-epoch gets no on_train_epoch_start for that epoch,
+        # and what it runs of it is no epoch's time.
+        self.start: float | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.times.append(time.perf_counter() - self.start)
-        # Each rank's own time, no sync_dist: Lightning would sync wherever the value is first read, which
-        # is rank 0's progress bar alone (a deadlock, see distributed.py). Ranks wait for each other at
-        # every step, so rank 0's time, the one its logger writes, is the epoch's.
-        pl_module.log(EPOCH_TIME_TAG, self.times[-1])
+        if self.start is not None:
+            self.times.append(time.perf_counter() - self.start)
+            # Each rank's own time, no sync_dist: Lightning would sync wherever the value is first read,
+            # which is rank 0's progress bar alone (a deadlock, see distributed.py). Ranks wait for each
+            # other at every step, so rank 0's time, the one its logger writes, is the epoch's.
+            pl_module.log(EPOCH_TIME_TAG, self.times[-1])
 
 
 def print_fit_summary(trainer: L.Trainer) -> None:

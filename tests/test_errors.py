@@ -12,6 +12,7 @@ import yaml
 from mnist_lit.errors import first_line
 from mnist_lit.runs import load_checkpoint
 from tests.helpers import (
+    CONFIGS,
     QUICK,
     cli,
     error_of,
@@ -151,6 +152,20 @@ def test_a_config_file_without_settings_is_named(workdir, mnist_dir, capsys, tex
     message = parse_error_of(capsys, *fit_args(mnist_dir, "--config=recipe.txt"))
     assert message.startswith(f"mnist_lit: error: --config recipe.txt: {holds}"), message
     assert "a recipe is a YAML mapping of settings" in message
+
+
+def test_a_config_files_unknown_key_is_named_with_print_config_too(workdir, mnist_dir, capsys):
+    (workdir / "bad.yaml").write_text("model: {lrr: 0.1}\n")
+    message = parse_error_of(capsys, "fit", "--config=bad.yaml", "--print_config")
+    assert message == "mnist_lit: error: --config bad.yaml: unknown setting model.lrr: did you mean model.lr?"
+
+
+@pytest.mark.parametrize("print_config", [[], ["--print_config"]])
+def test_a_search_file_given_as_the_recipe_says_where_it_goes(workdir, mnist_dir, capsys, print_config):
+    search = CONFIGS / "search.yaml"
+    message = parse_error_of(capsys, *fit_args(mnist_dir, f"--config={search}"), *print_config)
+    assert message.startswith(f"mnist_lit: error: --config {search} is a search space for tune, not a recipe")
+    assert message.endswith(f"--search {search}")
 
 
 def test_unknown_key_in_a_config_file_is_one_line_naming_the_file(workdir, mnist_dir, capsys):

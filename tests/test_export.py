@@ -74,6 +74,18 @@ def test_torchscript_export_of_a_chosen_checkpoint_matches_pytorch(trained, mnis
     )
 
 
+def test_ckpt_path_last_exports_the_newest_runs_last_checkpoint(trained, mnist_dir, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    cli("export", "--format=torchscript", "--ckpt_path=last", "--output=last.pt")
+    last = Path("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert f"export: using {last}" in capsys.readouterr().out
+    images = test_images(mnist_dir)
+    exported = torch.jit.load(trained / "last.pt")
+    torch.testing.assert_close(
+        exported(images.float() / 255), pytorch_logits(last, images), rtol=0, atol=1e-5
+    )
+
+
 def test_export_never_overwrites_unless_asked(trained, monkeypatch):
     monkeypatch.chdir(trained)
     (trained / "keep.onnx").write_text("someone's file")
@@ -87,9 +99,10 @@ def test_export_never_overwrites_unless_asked(trained, monkeypatch):
 
 
 def test_export_without_a_run_says_to_fit_first(workdir):
-    with pytest.raises(SystemExit) as exit_info:
-        cli("export")
-    assert "run `python -m mnist_lit fit` first" in str(exit_info.value.code)
+    for flags in ([], ["--ckpt_path=last"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli("export", *flags)
+        assert "run `python -m mnist_lit fit` first" in str(exit_info.value.code)
     assert not (workdir / "model.onnx").exists()
 
 

@@ -91,6 +91,10 @@ def test_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, mnist
     assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS_PER_EPOCH
     for key, value in uninterrupted["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    # Epoch 1 ran partly in each process: neither part is logged as an epoch's time, only epoch 0 is.
+    events = EventAccumulator(str(workdir / "lightning_logs/version_0"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("time/epoch_s")] == [STEPS_PER_EPOCH - 1]
 
 
 def ctrl_c(args: list[str], cwd: Path, marker: Path | None = None, delay: float = 0) -> str:
