@@ -225,6 +225,14 @@ def test_predict_answers_another_method_with_405_with_or_without_a_body(server, 
 
 
 @pytest.mark.slow
+def test_ckpt_path_last_serves_the_newest_runs_last_checkpoint(run_folder):
+    with running_server(run_folder, "--ckpt_path=last") as server:
+        assert "serve: using lightning_logs/version_0/checkpoints/last.ckpt" in server.output()
+        answer = post(server, {"image": encoded(pictures()["a.png"])})
+        assert answer.status_code == 200 and 0 <= answer.json()["digit"] <= 9, answer.text
+
+
+@pytest.mark.slow
 def test_200_concurrent_requests_are_all_answered_and_batched(server, expected):
     names = list(pictures())
     bodies = {name: {"image": encoded(pictures()[name], "JPEG" if "jp" in name else "PNG")} for name in names}
