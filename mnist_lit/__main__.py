@@ -36,6 +36,8 @@ QUIET = (
     "Checkpoint directory .* exists and is not empty",  # on resume: a new run's folder is new (logger.py)
     # Epoch values here are torchmetrics results, synced by compute() on every rank (distributed.py).
     r"It is recommended to use `self.log\(.*sync_dist=True\)`",
+    # bf16-mixed keeps the weights in float32, so the summary's size in MB, counted at 32 bits, is right.
+    "Precision bf16-mixed is not supported by the model summary",
 )
 
 
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
+        if argv[0].startswith("-"):  # a flag before the command: `--config x.yaml` for `fit --config x.yaml`
+            hint = f"a command comes first, then its flags (python -m mnist_lit fit {argv[0]} ...): "
         print(
             f"mnist_lit: error: unknown command {argv[0]!r}: {hint}choose from {', '.join(COMMANDS)}",
             file=sys.stderr,

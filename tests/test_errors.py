@@ -144,6 +144,16 @@ def test_unknown_command_lists_every_command(capsys):
     )
 
 
+@pytest.mark.parametrize("flag", ["--print_config", "--config"])
+def test_a_flag_before_the_command_says_the_command_comes_first(capsys, flag):
+    message = parse_error_of(capsys, flag, "x.yaml")
+    assert message == (
+        f"mnist_lit: error: unknown command {flag!r}: a command comes first, then its flags "
+        f"(python -m mnist_lit fit {flag} ...): choose from fit, validate, test, predict, export, stats, "
+        "serve, tune"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "holds"), [("", "is empty"), ("hello\n", "holds 'hello'"), ("- 1\n", "holds [1]")]
 )
