@@ -134,6 +134,7 @@ class DiscardFailedRun(Callback):
             folder = Path(logger.log_dir) if logger.log_dir else None
             if folder is None or not folder.is_dir() or any(folder.rglob("*.ckpt")):
                 continue
+            logger.finalize("failed")  # its writer thread stopped, else it may write into a removed folder
             shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(OSError):  # the log root too, if this run was all it held
                 folder.parent.rmdir()

@@ -144,6 +144,8 @@ def read_grey(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> torch.Tenso
                 image.draft("L", (math.ceil(width / scale), math.ceil(height / scale)))
         image.load()  # decode now (PIL is lazy), inside this function: a truncated file raises here
         orientation = image.getexif().get(EXIF_ORIENTATION)  # phone photos store their rotation as a tag
+        if image.mode.startswith("I"):  # 16-bit grey (PNG): convert("L") would clip it at 255, not scale it
+            image = image.convert("I").point(lambda value: value * (1 / 257), "L")
         transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
         wanted = "RGBA" if transparent else "L"
         picture = image if image.mode == wanted else image.convert(wanted)

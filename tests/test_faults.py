@@ -6,15 +6,19 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.errors import UserError
-from mnist_lit.faults import AtomicCheckpointIO
+from mnist_lit.faults import AtomicCheckpointIO, DiscardFailedRun
+from mnist_lit.logger import RunLogger
 from mnist_lit.runs import load_checkpoint
 from tests.helpers import QUICK, Guarded, cli, error_of, last_checkpoint_of_fit, run_guarded, subprocess_env
 
@@ -143,6 +147,43 @@ def test_ctrl_c_during_a_test_ends_in_one_line_and_leaves_no_test_folder(trained
     before = sorted((trained_copy / "lightning_logs/version_0").iterdir())
     assert ctrl_c(["test", *QUICK[1:], *moment], trained_copy, marker) == "mnist_lit: error: interrupted"
     assert sorted((trained_copy / "lightning_logs/version_0").iterdir()) == before
+
+
+def test_a_failed_evaluations_folder_is_removed_after_its_event_writer_stops(tmp_path, monkeypatch):
+    # Removing the folder before TensorBoard's writer thread had created its event file there ended a
+    # Ctrl-C'd `test` in that thread's FileNotFoundError traceback, now and then.
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    logger = RunLogger(save_dir=str(tmp_path), name="", version="test_0")
+    trainer = L.Trainer(logger=logger, enable_progress_bar=False, enable_model_summary=False)
+    trainer.state.fn = TrainerFn.TESTING
+    # A writer just made (as when Ctrl-C lands as a command logs its first value): its thread creates the
+    # event file a moment later.
+    logger.experiment.add_scalar("test/acc", 0.5, 0)
+    DiscardFailedRun().on_exception(trainer, None, KeyboardInterrupt())
+    assert logger.experiment.all_writers is None  # closed (its thread joined) by the time the folder went
+    logger.finalize("failed")  # as Lightning does after the callbacks' on_exception
+    assert not (tmp_path / "test_0").exists() and failures == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_once_a_test_has_printed_its_results_ends_quietly_or_in_one_line(trained_copy):
+    # Right after the results, the process is shutting down, where Python would end a Ctrl-C silently
+    # with status 130; now it is ignored there (exit 0), or, landing just before, says "interrupted".
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lit", "test", *QUICK[1:]],
+        cwd=trained_copy, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("test/acc "):
+                proc.send_signal(signal.SIGINT)
+                break
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    ended = (proc.returncode, stderr)
+    assert ended in ((0, ""), (1, "mnist_lit: error: interrupted\n")), ended
 
 
 @pytest.mark.slow

@@ -296,6 +296,19 @@ def test_exif_orientation_is_applied_after_shrinking():
     assert distance(got, want) < 5
 
 
+def test_a_16_bit_grey_png_reads_as_the_same_picture_in_8_bits():
+    grey = np.asarray(draw(7, (448, 448)).convert("L").resize((56, 56), Image.Resampling.BOX))  # grey edges
+    assert len(np.unique(grey)) > 5
+    png = {}
+    for bits, pixels in ((8, grey), (16, grey.astype(np.uint16) * 257)):  # 255 -> 65535
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        png[bits] = buffer.getvalue()
+    assert Image.open(io.BytesIO(png[16])).mode.startswith("I")  # what PIL makes of 16-bit grey
+    # Clipped at 255 instead of scaled, as convert("L") does, all but the darkest ink turns white.
+    assert torch.equal(read_grey(png[16]), read_grey(png[8]))
+
+
 def _jpeg(picture: Image.Image) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, "JPEG")
