@@ -85,8 +85,6 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except KeyboardInterrupt:  # Ctrl-C while importing, parsing or loading data; in training: faults.py
         sys.exit("mnist_lit: error: interrupted")
-    # Done: only the interpreter's shutdown is left, where a Ctrl-C would end it silently with status 130.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run(argv: list[str]) -> None:
@@ -125,3 +123,5 @@ def run(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main()
+    # Done: only the interpreter's shutdown is left, where a Ctrl-C would end it silently with status 130.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -135,7 +135,7 @@ def config_at_fault(message: str, known_flags: list[str]) -> str | None:
         if unknown and isinstance(recipe, dict) and "params" in recipe and set(recipe) <= SEARCH_KEYS:
             return (
                 f"--config {file} is a search space for tune, not a recipe: python -m mnist_lit tune "
-                f"--config configs/mnist.yaml --search {file}"
+                f"--config RECIPE --search {file} (its comments may say which recipe it searches)"
             )
         if unknown and isinstance(recipe, dict):
             keys = [key for key in flattened(recipe) if key == unknown]

@@ -292,7 +292,7 @@ def check_resumable(checkpoint: dict, path: Path, max_epochs: int | None) -> Non
         elif planned is not None:  # its schedule has epochs left: up to the planned ones
             further = f"to train on to the end of its one-cycle schedule, pass --trainer.max_epochs {planned}"
         else:
-            further = f"to train further, pass --trainer.max_epochs {done + 5} (or any number above {done})"
+            further = f"to train further, pass a --trainer.max_epochs above {done}"
         raise UserError(
             f"{path} has already trained {done} epoch(s), and --trainer.max_epochs is {max_epochs}: there is "
             f"nothing left to train; {further}"

@@ -366,7 +366,8 @@ class Study:
 
 # A password in any text, e.g. a URL SQLAlchemy cannot read: a URL's (scheme://user:password@host...), or
 # a password= parameter's (?password=... of a URL, password=... of a libpq connection string), any case.
-PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@|(\bpassword=)[^&\s]*", re.IGNORECASE)
+# Up to the URL's last @ before its path: a password may hold an @ that was not percent-encoded.
+PASSWORD = re.compile(r"(://[^:/@\s]*:)[^/\s]*@|(\bpassword=)[^&\s]*", re.IGNORECASE)
 
 
 def hide_passwords(text: str) -> str:
@@ -464,6 +465,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         except (ValueError, LookupError, AssertionError, TypeError) as err:
             reason = type(err).__name__ + (f": {first_line(err)}" if str(err) else "")
             raise UserError(f"--storage {url}: not a readable Optuna journal (Optuna: {reason})") from None
+    scheme, rest = url.split("://", 1)
+    if rest.split("/", 1)[0].count("@") > 1:  # SQLAlchemy would take the password's @ as the host's
+        raise UserError(
+            f"--storage {shown}: the URL holds more than one @ before its path: percent-encode an @ (%40), "
+            'a : (%3A) or a / (%2F) in the user name or password (python -c "import urllib.parse; '
+            "print(urllib.parse.quote(input(), safe=''))\")"
+        )
+    if scheme == "postgres":
+        raise UserError(f"--storage {shown}: SQLAlchemy calls PostgreSQL postgresql://, not postgres://")
     # SQLite serializes writers: several workers on one file wait for each other, up to a minute.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:

@@ -175,7 +175,8 @@ def test_a_search_file_given_as_the_recipe_says_where_it_goes(workdir, mnist_dir
     search = CONFIGS / "search.yaml"
     message = parse_error_of(capsys, *fit_args(mnist_dir, f"--config={search}"), *print_config)
     assert message.startswith(f"mnist_lit: error: --config {search} is a search space for tune, not a recipe")
-    assert message.endswith(f"--search {search}")
+    hint = f"--config RECIPE --search {search} (its comments may say which recipe it searches)"
+    assert message.endswith(hint)
 
 
 def test_unknown_key_in_a_config_file_is_one_line_naming_the_file(workdir, mnist_dir, capsys):

@@ -165,6 +165,10 @@ def check_page_matches_predict(page, server, headers: dict | None = None) -> dic
 def test_draw_with_the_mouse_and_the_page_shows_what_predict_says(browser, server):
     page = browser.new_page(viewport={"width": 1000, "height": 660})
     page.set_default_timeout(120_000)
+    console_errors = []  # e.g. a 404 for /favicon.ico, which a browser asks for unless the page names one
+    page.on(
+        "console", lambda message: console_errors.append(message.text) if message.type == "error" else None
+    )
     page.goto(server.url)
     assert page.locator("#digit").inner_text() == "?"
 
@@ -188,6 +192,7 @@ def test_draw_with_the_mouse_and_the_page_shows_what_predict_says(browser, serve
     one_maps = check_maps_match_predict(page, server)
     assert one_maps["filters"] == seven_maps["filters"]  # the network's, whatever is drawn
     assert one_maps["block1"] != seven_maps["block1"] and one_maps["block2"] != seven_maps["block2"]
+    assert console_errors == []
     page.close()
 
 

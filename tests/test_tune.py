@@ -305,6 +305,18 @@ def test_only_the_urls_password_is_hidden_when_it_is_a_common_word(workdir, mnis
     )
     shown = f"--storage postgresql+psycopg://u@127.0.0.1:{port}/db?password=*** cannot be opened: "
     assert shown in message and "s3cretQ" not in message, message
+    # A password whose @ and : were not percent-encoded: all of it hidden, and what to do said.
+    message = error_of(*tune_args(mnist_dir, search, 2, "--storage=postgresql://u:s3c@r:3tQ@127.0.0.1/db"))
+    assert message.startswith(
+        "mnist_lit: error: --storage postgresql://u:***@127.0.0.1/db: the URL holds more than one @ before "
+        "its path: percent-encode an @ (%40)"
+    ), message
+    assert "s3c" not in message and "3tQ" not in message
+    message = error_of(*tune_args(mnist_dir, search, 2, "--storage=postgres://u:s3cretQ@127.0.0.1/db"))
+    assert message == (
+        "mnist_lit: error: --storage postgres://u:***@127.0.0.1/db: SQLAlchemy calls PostgreSQL "
+        "postgresql://, not postgres://"
+    )
     assert not (workdir / "tune").exists()
 
 
