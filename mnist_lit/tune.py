@@ -498,9 +498,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                     raise
                 time.sleep(1)
     except ImportError:  # Optuna's words name no module
-        dialect = url.split("://", 1)[0]
         raise UserError(
-            f"--storage {shown}: no database driver for {dialect}:// is installed: for PostgreSQL "
+            f"--storage {shown}: no database driver for {scheme}:// is installed: for PostgreSQL "
             "pip install -e '.[tune]' (psycopg), for MySQL pip install pymysql and use mysql+pymysql://"
         ) from None
     except Exception as err:  # SQLAlchemy or the database driver, each in its own words
