@@ -65,6 +65,7 @@ class MNISTCLI(LightningCLI):
     """
 
     checkpoint: dict | None = None  # what --ckpt_path holds, loaded once (weights only) and checked
+    given = None  # the command's settings as parsed, before the checkpoint's model settings replace them
 
     def __init__(self, *args, command: str, **kwargs) -> None:
         self.command = command
@@ -99,6 +100,8 @@ class MNISTCLI(LightningCLI):
             from mnist_lit.runs import load_checkpoint
 
             self.checkpoint = load_checkpoint(path)
+            # As given, before Lightning replaces the model's settings with the checkpoint's (resume.py).
+            self.given = self._section(self.config).clone()
 
     def add_run_settings(self, parser: LightningArgumentParser, given: list[str], log_root: Path) -> None:
         """What the run of the checkpoint adds to an evaluation's flags (evaluate.py); nothing for fit."""
@@ -179,8 +182,9 @@ class MNISTCLI(LightningCLI):
             )
         self._check_checkpoint()
         if self.checkpoint is not None:
-            from mnist_lit.runs import check_resumable
+            from mnist_lit.resume import check_resumable, check_same_training
 
+            check_same_training(self.checkpoint, self._checkpoint_file(), self.given, self.trainer.callbacks)
             check_resumable(self.checkpoint, self._checkpoint_file(), max_epochs)
 
     def fit(self, **kwargs) -> None:

@@ -169,16 +169,6 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def epochs_completed(checkpoint: dict) -> int:
-    """How many whole epochs of training a Lightning checkpoint holds (a mid-epoch save: those before it).
-
-    An epoch's checkpoints are written at its end, once its training counts as processed but before
-    Lightning marks it completed: so "processed" is what a resumed run goes on from.
-    """
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-    return int(progress.get("current", {}).get("processed", 0))
-
-
 def check_checkpoint_fits(checkpoint: dict, path: Path, model: torch.nn.Module) -> None:
     """Raise UserError unless ``checkpoint``, loaded from ``path``, holds weights of ``model``'s shapes."""
     saved = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
@@ -254,55 +244,6 @@ def log_into_run(logger_settings, checkpoint: Path, command: str) -> str | None:
         return "resumed"
     logger_settings.save_dir, logger_settings.name = str(run.log_dir), ""
     return "inside"
-
-
-def one_cycle_epochs(checkpoint: dict, path: Path) -> int | None:
-    """The epochs over which the one-cycle learning rate of ``checkpoint`` (loaded from ``path``) was
-    planned, if it has one.
-
-    OneCycleLR fixes its length in steps when it is made and anneals the rate to about 0 at the end:
-    a resumed run cannot go past it (torch refuses the next step). Its length in epochs follows from the
-    steps it took per batch trained so far and the batches of a whole epoch; before the first epoch has
-    ended, from the epochs its run was started with.
-    """
-    schedule = next((s for s in checkpoint.get("lr_schedulers") or [] if "total_steps" in s), None)
-    if schedule is None:
-        return None
-    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    trained, this_epoch = batches.get("total", {}).get("ready", 0), batches.get("current", {}).get("ready", 0)
-    done, steps = epochs_completed(checkpoint), schedule.get("last_epoch", 0)
-    whole_epochs = trained if batches.get("is_last_batch") else trained - this_epoch
-    if done and whole_epochs and steps:
-        steps_per_epoch = steps / trained * whole_epochs / done
-        return round(schedule["total_steps"] / steps_per_epoch)
-    # Stopped inside its first epoch, whose length is not known yet: the epochs its run was started with.
-    run = Run.of_checkpoint(path)
-    planned = (run.settings("trainer") if run else {}).get("max_epochs")
-    return planned if isinstance(planned, int) and planned > 0 else None
-
-
-def check_resumable(checkpoint: dict, path: Path, max_epochs: int | None) -> None:
-    """Raise UserError when resuming ``checkpoint`` would train nothing (it has its epochs already), or
-    more epochs than its one-cycle schedule has."""
-    done, planned = epochs_completed(checkpoint), one_cycle_epochs(checkpoint, path)
-    new_fit = "start a new fit with the --trainer.max_epochs you want"
-    if max_epochs is not None and max_epochs >= 0 and done >= max_epochs:
-        if planned is not None and done >= planned:
-            further = f"its one-cycle learning rate ended with them: to train longer, {new_fit}"
-        elif planned is not None:  # its schedule has epochs left: up to the planned ones
-            further = f"to train on to the end of its one-cycle schedule, pass --trainer.max_epochs {planned}"
-        else:
-            further = f"to train further, pass a --trainer.max_epochs above {done}"
-        raise UserError(
-            f"{path} has already trained {done} epoch(s), and --trainer.max_epochs is {max_epochs}: there is "
-            f"nothing left to train; {further}"
-        )
-    if planned is not None and (max_epochs is None or max_epochs < 0 or max_epochs > planned):
-        raise UserError(
-            f"{path} was trained with a one-cycle learning rate planned over {planned} epochs, which ends "
-            f"there: it cannot go on to --trainer.max_epochs {max_epochs}; resume it with "
-            f"--trainer.max_epochs {planned} or less, or {new_fit}"
-        )
 
 
 def check_writable(target: Path, flag: str) -> None:

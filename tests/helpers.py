@@ -306,3 +306,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def run_state(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder and its contents."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}

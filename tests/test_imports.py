@@ -19,7 +19,7 @@ import pytest
 from tests.helpers import QUICK, subprocess_env
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mnist_lit"
-FIT_BUDGET = 820
+FIT_BUDGET = 825
 FLOOR = "import lightning.pytorch, torchvision, torchmetrics"
 # Imported by Python at start-up when on the path: lists every module the process holds as it exits.
 LIST_AT_EXIT = """

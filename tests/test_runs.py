@@ -15,7 +15,7 @@ from mnist_lit.errors import UserError
 from mnist_lit.logger import run_folders
 from mnist_lit.model import MNISTClassifier
 from mnist_lit.runs import Run, check_checkpoint_fits, load_checkpoint, newest_run
-from tests.helpers import CONFIGS, QUICK, cli, error_of, fit_args, subprocess_env
+from tests.helpers import QUICK, cli, error_of, fit_args, run_state, subprocess_env
 
 
 def save_checkpoint(path, best_name: str | None = None, score: float | None = None, mtime: int = 0):
@@ -127,50 +127,6 @@ def test_a_bare_command_names_the_unreadable_best_checkpoint_and_the_alternative
     message = error_of(command, *(QUICK[1:] if command in ("test", "validate", "predict") else []))
     assert message.startswith(f"mnist_lit: error: {best} is not a Lightning checkpoint"), message
     assert message.endswith(f"pass --ckpt_path={folder / 'last.ckpt'} to use last.ckpt instead"), message
-
-
-def run_state(run: Path) -> dict[str, bytes]:
-    """Every file of a run folder and its contents."""
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-
-
-def test_a_one_cycle_run_cannot_be_resumed_past_its_schedule(workdir, mnist_dir):
-    one_cycle = [f"--config={CONFIGS / 'fast.yaml'}", "--trainer.precision=32-true"]
-    cli(*fit_args(mnist_dir, *one_cycle, "--trainer.max_epochs=2"))
-    run = workdir / "lightning_logs/version_0"
-    last, before = run / "checkpoints/last.ckpt", run_state(run)
-    # Its learning rate was annealed to ~0 over 2 epochs: going on to 4 is refused (torch's OneCycleLR
-    # would raise at the first step past them), before the run's config.yaml or curves change.
-    message = error_of(*fit_args(mnist_dir, *one_cycle, "--trainer.max_epochs=4", f"--ckpt_path={last}"))
-    assert "was trained with a one-cycle learning rate planned over 2 epochs" in message
-    assert "start a new fit with the --trainer.max_epochs you want" in message
-    message = error_of(*fit_args(mnist_dir, *one_cycle, "--trainer.max_epochs=2", f"--ckpt_path={last}"))
-    assert (
-        "has already trained 2 epoch(s)" in message and "one-cycle learning rate ended with them" in message
-    )
-    assert "pass a --trainer.max_epochs above" not in message  # the hint for a constant learning rate
-    assert run_state(run) == before
-
-
-def test_a_one_cycle_run_stopped_in_its_first_epoch_knows_its_plan_from_its_config(workdir, mnist_dir):
-    from mnist_lit.runs import check_resumable
-
-    cli(*fit_args(mnist_dir, "--model.lr_schedule=onecycle", "--trainer.max_epochs=3"))
-    last = workdir / "lightning_logs/version_0/checkpoints/last.ckpt"
-    state = load_checkpoint(last)
-    # As if it had been planned over 9 epochs: the hint for going on is the schedule's end.
-    planned_longer = {**state, "lr_schedulers": [{**state["lr_schedulers"][0], "total_steps": 9 * 5}]}
-    with pytest.raises(UserError, match=r"end of its one-cycle schedule, pass --trainer\.max_epochs 9"):
-        check_resumable(planned_longer, last, 3)
-    # As if saved by Ctrl-C 2 batches into epoch 0: no whole epoch to measure the schedule by.
-    loops, counts = state["loops"]["fit_loop"], ("ready", "started", "processed", "completed")
-    loops["epoch_progress"] = {"total": dict.fromkeys(counts, 0), "current": dict.fromkeys(counts, 0)}
-    batches = {"total": dict.fromkeys(counts, 2), "current": dict.fromkeys(counts, 2), "is_last_batch": False}
-    loops["epoch_loop.batch_progress"] = batches
-    state["lr_schedulers"][0]["last_epoch"] = 2
-    with pytest.raises(UserError, match="planned over 3 epochs"):
-        check_resumable(state, last, 4)
-    check_resumable(state, last, 3)
 
 
 def test_a_run_that_cannot_be_written_is_refused_before_resuming(workdir, mnist_dir):
