@@ -45,6 +45,7 @@ from mnist_lit.images import MAX_PIXELS as DEFAULT_MAX_PIXELS
 from mnist_lit.images import SIZE, TooManyPixels, mnist_digit
 from mnist_lit.lessons import block_maps, first_filters
 
+LINE_BREAKS = str.maketrans("", "", "\r\n")
 EXPECTED = 'send JSON {"image": "<base64 of a PNG or JPEG file>"}'
 # Seconds that in-flight requests get to finish after a stopping signal before the server stops anyway.
 DRAIN_SECONDS = 5.0
@@ -70,7 +71,8 @@ def digit_of_upload(image: str, max_pixels: int) -> bytes:
     # A data: URL's scheme, like any URL's, in any case; without a comma it is invalid base64 below.
     text = image.split(",", 1)[-1] if image[:5].lower() == "data:" else image
     try:
-        data = base64.b64decode(text, validate=True)
+        # Line breaks as MIME and `base64` (76 characters a line) and Python's encodebytes put them.
+        data = base64.b64decode(text.translate(LINE_BREAKS), validate=True)
     except ValueError:  # binascii.Error, or characters that are not ASCII at all
         raise Refused(f'"image" is not valid base64: {EXPECTED}') from None
     if not data:

@@ -134,6 +134,12 @@ def test_served_answers_equal_predict_for_the_same_files(server, expected):
         response = post(server, {"image": encoded(picture, "JPEG" if "jp" in name else "PNG")})
         assert response.status_code == 200, response.text
         check_answer(response.json(), expected[name])
+    # Wrapped at 76 characters a line, as `base64` and Python's base64.encodebytes write it.
+    wrapped = base64.encodebytes(base64.b64decode(encoded(pictures()["a.png"]))).decode()
+    assert "\n" in wrapped
+    response = post(server, {"image": wrapped.replace("\n", "\r\n")})
+    assert response.status_code == 200, response.text
+    check_answer(response.json(), expected["a.png"])
     for scheme in ("data:", "DATA:"):  # a data: URL, as a browser's canvas gives it; schemes in any case
         response = post(server, {"image": f"{scheme}image/png;base64,{encoded(pictures()['a.png'])}"})
         assert response.status_code == 200, response.text
