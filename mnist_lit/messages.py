@@ -188,22 +188,36 @@ def trainer_refused(err: BaseException) -> str:
 
 def checkpoint_refused(path: Path, err: Exception, not_a_checkpoint: str) -> str:
     """Why ``torch.load(path, weights_only=True)`` failed, from the exception it raised."""
-    if isinstance(err, pickle.UnpicklingError):
-        # torch's paragraph has one line on what it met: a GLOBAL (a class or function, which
-        # unpickling would call) is a refusal; anything else (an unknown opcode...) is not a pickle.
-        lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in str(err).splitlines()]
-        why = next((line for line in lines if "GLOBAL" in line), None)
-        if why is None:
-            what = next((line for line in lines if "nsupported" in line), first_line(err))
-            return f"{path} {not_a_checkpoint} ({what})"
+    head = read_head(path)
+    if head.startswith(b"version https://git-lfs"):  # a repository cloned without its LFS files
+        return f"{path} is a Git LFS pointer, not the checkpoint itself: fetch it with `git lfs pull`"
+    # torch's paragraph has one line on what it met: a GLOBAL (a class or function, which unpickling
+    # would call) is a refusal; anything else (an unknown opcode...) is not a pickle.
+    lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in str(err).splitlines()]
+    why = next((line for line in lines if "GLOBAL" in line), None)
+    if isinstance(err, pickle.UnpicklingError) and why is not None:
         return (
             f"{path} was refused: it holds objects other than tensors and plain data, and loading them "
             f"could run code ({why.split('. ')[0].rstrip('.')})"
         )
+    if head and head.isascii() and all(c.isprintable() or c.isspace() for c in head.decode()):
+        return f"{path} {not_a_checkpoint} (it is text: {head.decode().split(chr(10))[0][:60]!r})"
+    if isinstance(err, pickle.UnpicklingError):
+        what = next((line for line in lines if "nsupported" in line), first_line(err))
+        return f"{path} {not_a_checkpoint} ({what})"
     # torch's own words for garbage run to a paragraph about zip archives; the first clause says enough.
     detail = first_line(err).split(". ")[0]
     kind = err.__class__.__name__
     return f"{path} {not_a_checkpoint} ({kind}{': ' + detail if detail != kind else ''})"
+
+
+def read_head(path: Path) -> bytes:
+    """The first bytes of ``path``, or none if it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(256)
+    except OSError:
+        return b""
 
 
 # ------------------------------------------------------------------------------------------- c10d

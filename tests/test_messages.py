@@ -122,6 +122,23 @@ def test_garbage_is_not_a_checkpoint_in_one_line(tmp_path):
     assert line.startswith(f"{path} is not a checkpoint (") and "\n" not in line
 
 
+@pytest.mark.parametrize(
+    "contents, says",
+    [
+        (b"some notes\nsecond line", "is not a checkpoint (it is text: 'some notes')"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n",
+         "is a Git LFS pointer, not the checkpoint itself: fetch it with `git lfs pull`"),
+    ],
+    ids=["text", "git-lfs-pointer"],
+)  # fmt: skip
+def test_a_text_file_is_named_for_what_it_is(tmp_path, contents, says):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(contents)
+    with pytest.raises(Exception) as error:
+        torch.load(path, weights_only=True)
+    assert messages.checkpoint_refused(path, error.value, "is not a checkpoint") == f"{path} {says}"
+
+
 def test_ranks_that_never_joined_are_counted():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
