@@ -17,6 +17,11 @@
 - ``Lightning + network``: the eager step inside that loop; ``Lightning + MNISTClassifier``: mnist_lit's
   own module, its torchmetrics updates included.
 
+A second table puts the eager step against the device's arithmetic: the step's floating-point operations
+(torch's FLOP counter over one forward and backward pass) per second, beside what one large float32
+matrix product reaches on the same device, a rate that convolutions this small do not exceed. Their
+ratio says how much faster the seed recipe's float32 arithmetic could run on this machine at most.
+
 Lightning rows time the second of two epochs of ``--steps`` steps (the first is the warm-up); the
 others time ``--steps`` steps after 30 of warm-up. A tool for reading, like the benchmark: the tests
 only check that it runs.
@@ -78,6 +83,25 @@ class BareNetwork(MNISTClassifier):
 
     def on_train_epoch_end(self) -> None:
         pass  # no train metrics to log
+
+
+def step_flops(device: torch.device) -> int:
+    """Floating-point operations of one seed-recipe step's forward and backward pass (batch 100)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = MNISTClassifier().to(device)
+    images = torch.randn(BATCH, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (BATCH,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(device: torch.device, size: int = 1024, repeats: int = 30) -> float:
+    """float32 GFLOP/s of a large square matrix product on ``device``: about its attainable peak."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    ms = per_step_ms(lambda: torch.mm(a, b), repeats, device, warmup=3)
+    return 2 * size**3 / (ms * 1e-3) / 1e9
 
 
 def per_step_ms(step: Callable[[], None], steps: int, device: torch.device, warmup: int = 30) -> float:
@@ -252,6 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     print("| part of a step | ms/step |\n|---|---|")
     for name, ms in rows.items():
         print(f"| {name} | {f'{ms:.3f}' if ms else '-'} |")  # no CUDA graph row off the GPU
+    flops, peak = step_flops(device), matmul_gflops(device)
+    step_rate = flops / (rows["network, eager"] * 1e-3) / 1e9
+    print("\n| arithmetic (float32) | figure |\n|---|---|")
+    print(f"| one step's forward and backward, MFLOP | {flops / 1e6:.1f} |")
+    print(f"| network, eager: GFLOP/s | {step_rate:.1f} |")
+    print(f"| 1024x1024 matrix product: GFLOP/s | {peak:.1f} |")
+    print(f"| network, eager, share of the matrix product's rate | {step_rate / peak:.0%} |")
 
 
 if __name__ == "__main__":

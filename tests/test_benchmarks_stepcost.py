@@ -10,7 +10,8 @@ from benchmarks.stepcost import main
 
 def test_stepcost_prints_a_row_for_each_part_of_a_step(mnist_dir, capsys):
     main([f"--data-dir={mnist_dir}", "--steps=3", "--val-size=100"])
-    lines = capsys.readouterr().out.splitlines()
+    steps, arithmetic = capsys.readouterr().out.split("\n\n")
+    lines = steps.splitlines()
     assert lines[0].startswith("device: ") and "batch 100" in lines[0]
     rows = dict(re.fullmatch(r"\| (.+) \| (.+) \|", line).groups() for line in lines[3:])
     assert list(rows) == [
@@ -30,6 +31,15 @@ def test_stepcost_prints_a_row_for_each_part_of_a_step(mnist_dir, capsys):
     if torch.get_num_threads() == 1:  # nothing to compare one thread with
         assert rows.pop("network, eager, 1 CPU thread") == "-"
     assert all(float(ms) > 0 for ms in rows.values()), rows
+    figures = dict(re.fullmatch(r"\| (.+) \| (.+) \|", line).groups() for line in arithmetic.splitlines()[2:])
+    # Per image: the convolutions and the classifier forward (5.68 MFLOP), their input and weight gradients
+    # backward, except the first convolution's input gradient (the images need none).
+    forward = 2 * (16 * 28 * 28 * 25 + 32 * 14 * 14 * 16 * 25 + 1568 * 10)
+    backward = 2 * forward - 2 * 16 * 28 * 28 * 25
+    assert figures["one step's forward and backward, MFLOP"] == f"{100 * (forward + backward) / 1e6:.1f}"
+    assert float(figures["network, eager: GFLOP/s"]) > 0
+    assert float(figures["1024x1024 matrix product: GFLOP/s"]) > 0
+    assert figures["network, eager, share of the matrix product's rate"].endswith("%")
 
 
 def test_stepcost_without_mnist_is_one_clear_line(tmp_path, capsys):
