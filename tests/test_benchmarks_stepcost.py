@@ -8,12 +8,17 @@ import torch
 from benchmarks.stepcost import main
 
 
+def table_rows(lines: list[str]) -> dict[str, str]:
+    """A printed Markdown table's rows, first cell -> second, its header and rule skipped."""
+    return dict(re.fullmatch(r"\| (.+) \| (.+) \|", line).groups() for line in lines[2:])
+
+
 def test_stepcost_prints_a_row_for_each_part_of_a_step(mnist_dir, capsys):
     main([f"--data-dir={mnist_dir}", "--steps=3", "--val-size=100"])
     steps, arithmetic = capsys.readouterr().out.split("\n\n")
     lines = steps.splitlines()
     assert lines[0].startswith("device: ") and "batch 100" in lines[0]
-    rows = dict(re.fullmatch(r"\| (.+) \| (.+) \|", line).groups() for line in lines[3:])
+    rows = table_rows(lines[1:])
     assert list(rows) == [
         "loader",
         "network, eager",
@@ -31,7 +36,7 @@ def test_stepcost_prints_a_row_for_each_part_of_a_step(mnist_dir, capsys):
     if torch.get_num_threads() == 1:  # nothing to compare one thread with
         assert rows.pop("network, eager, 1 CPU thread") == "-"
     assert all(float(ms) > 0 for ms in rows.values()), rows
-    figures = dict(re.fullmatch(r"\| (.+) \| (.+) \|", line).groups() for line in arithmetic.splitlines()[2:])
+    figures = table_rows(arithmetic.splitlines())
     # Per image: the convolutions and the classifier forward (5.68 MFLOP), their input and weight gradients
     # backward, except the first convolution's input gradient (the images need none).
     forward = 2 * (16 * 28 * 28 * 25 + 32 * 14 * 14 * 16 * 25 + 1568 * 10)
